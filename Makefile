@@ -1,0 +1,48 @@
+# napo-kernels: `make bench` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch; on a GPU machine use e.g. TORCH_SPEC="torch" (a CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.napo-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+NVCC ?= nvcc
+CUDA_ARCHS ?= 80 90
+
+.PHONY: setup install test lint bench demo check-cuda clean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+
+# Dependencies first (torch before the build, which compiles against it), then the package with its
+# C++ extension, built against that torch (no build isolation).
+$(STAMP): $(VENV)/bin/python $(SOURCES)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy ninja
+	$(PY) -m pip install --quiet "triton>=3.1" "pytest>=8" "hypothesis>=6.100" "ruff>=0.6" tqdm matplotlib
+	$(PY) -m pip install --quiet --no-build-isolation -e .
+	$(PY) -c "import napo_kernels as nk; print({k: v.available for k, v in nk.backends().items()})"
+	touch $(STAMP)
+
+install: setup
+
+lint: setup
+	$(VENV)/bin/ruff check napo_kernels benchmarks tests examples
+
+test: setup lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m benchmarks
+
+# Compile every .cu file for each architecture (compile only: nothing runs without a GPU).
+check-cuda:
+	@set -e; for arch in $(CUDA_ARCHS); do for f in csrc/cuda/*.cu; do \
+	  echo "nvcc sm_$$arch $$f"; \
+	  $(NVCC) -std=c++17 -O3 -arch=sm_$$arch -Icsrc -DNAPO_STANDALONE_CHECK -c $$f -o /dev/null; \
+	done; done
+
+clean:
+	rm -rf build *.egg-info napo_kernels/*.so $(VENV)

@@ -1,0 +1,29 @@
+"""napo-kernels: fused multi-negative preference losses for LLM recommenders.
+
+Stage 1 (:func:`sequence_logprobs`) turns last hidden states and the ``lm_head`` weight into one
+log-probability per candidate sequence without materialising the logits; stage 2
+(:func:`preference_loss`) turns those scores into DPO / S-DPO / DMPO / NAPO / DynamicPO losses over
+a (shared) negative pool; :func:`napo_loss` does both.
+"""
+
+from .dispatch import BackendInfo, backends
+from .logprobs import choose_chunk_size, sequence_logprobs, sequence_logprobs_from_logits
+from .losses import PreferenceLoss, PreferenceOutput, napo_loss, preference_loss
+from .margin import DynamicMargin
+from .plan import METHODS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "BackendInfo",
+    "DynamicMargin",
+    "PreferenceLoss",
+    "PreferenceOutput",
+    "backends",
+    "choose_chunk_size",
+    "napo_loss",
+    "preference_loss",
+    "sequence_logprobs",
+    "sequence_logprobs_from_logits",
+]

@@ -1,0 +1,58 @@
+"""Input validation: bad input gets a clear error naming the argument (and sequence), never a
+silently wrong number. Cheap checks always run; scanning every value for NaN/inf runs only with
+``check_finite=True`` (one extra read of each input, and a host sync)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def require_tensor(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def require_float(name: str, x: Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+
+
+def require_int(name: str, x: Tensor) -> None:
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+
+
+def require_same(name: str, x: Tensor, ref_name: str, ref: Tensor, dtype: bool = True) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+    if dtype and x.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; cast one of them")
+
+
+def require_shape(name: str, x: Tensor, shape: tuple[int, ...], what: str = "") -> None:
+    if tuple(x.shape) != tuple(shape):
+        hint = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {list(shape)}{hint}, got {list(x.shape)}")
+
+
+def require_finite(name: str, x: Tensor | None) -> None:
+    if x is None:
+        return
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        where = torch.nonzero(bad)[0].tolist()
+        raise ValueError(f"{name} has a non-finite value ({x[tuple(where)].item()}) at index {where}")
+
+
+def require_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def require_rho(rho: float) -> None:
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho must lie in (0, 1], got {rho}")

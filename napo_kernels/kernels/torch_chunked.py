@@ -1,0 +1,149 @@
+"""The ``torch`` backend: chunked pure-PyTorch kernels, always available.
+
+Every backend implements these five functions with the same contract (see ``napo_kernels.dispatch``):
+
+- ``linear_logprobs_fwd(hidden [R,H], weight [V,H], bias [V]|None, targets [R], chunk_size,
+  compute_expected) -> (logp [R], lse [R], expected [R,H] or [0])`` in the accumulation dtype
+  (float64 for float64 inputs, float32 otherwise); ``expected = softmax(logits) @ W`` is what the
+  frozen-``lm_head`` backward needs.
+- ``linear_logprobs_bwd(grad [R], hidden, weight, bias, targets, lse, chunk_size, need_hidden,
+  need_weight, need_bias) -> (d_hidden, d_weight, d_bias)`` (empty tensors where not needed).
+- ``logits_logprobs_fwd(logits [R,V], targets, chunk_size) -> (logp, lse)`` and
+  ``logits_logprobs_bwd(grad, logits, targets, lse, chunk_size) -> d_logits``.
+- ``preference_fwd(chosen [B], rejected [M], select [B,M], coef [B,M], margin [B,M], agg)
+  -> (loss_rows [B], weights [B,M])`` where ``weights = dL_i / dDelta_{i,n}``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+AGG_LSE = 0
+AGG_MEAN = 1
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype) -> Tensor:
+    # One GEMM in the input dtype (fast path for bf16/fp16 on GPU), accumulated by the BLAS.
+    out = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+    return out.to(acc)
+
+
+def linear_logprobs_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    chunk_size: int,
+    compute_expected: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = acc_dtype(hidden.dtype)
+    rows, h = hidden.shape
+    logp = hidden.new_empty(rows, dtype=acc)
+    lse = hidden.new_empty(rows, dtype=acc)
+    expected = hidden.new_empty((rows, h) if compute_expected else (0,), dtype=acc)
+    for lo in range(0, rows, chunk_size):
+        hi = min(lo + chunk_size, rows)
+        logits = _logits(hidden[lo:hi], weight, bias, acc)
+        chunk_lse = torch.logsumexp(logits, dim=-1)
+        lse[lo:hi] = chunk_lse
+        logp[lo:hi] = logits.gather(1, targets[lo:hi, None]).squeeze(1) - chunk_lse
+        if compute_expected:
+            probs = logits.sub_(chunk_lse[:, None]).exp_()  # in place: one [chunk, V] block alive
+            expected[lo:hi] = probs.to(weight.dtype) @ weight
+    return logp, lse, expected
+
+
+def linear_logprobs_bwd(
+    grad: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = acc_dtype(hidden.dtype)
+    rows = hidden.shape[0]
+    d_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    d_weight = torch.zeros_like(weight, dtype=acc) if need_weight else weight.new_empty(0)
+    d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
+    for lo in range(0, rows, chunk_size):
+        hi = min(lo + chunk_size, rows)
+        logits = _logits(hidden[lo:hi], weight, bias, acc)
+        # d s / d logits = onehot - softmax, scaled by the upstream gradient of each row
+        g = logits.sub_(lse[lo:hi, None]).exp_().mul_(-grad[lo:hi, None])
+        g.scatter_add_(1, targets[lo:hi, None], grad[lo:hi, None].to(acc))
+        g_in = g.to(weight.dtype)
+        if need_hidden:
+            d_hidden[lo:hi] = (g_in @ weight).to(hidden.dtype)
+        if need_weight:
+            if d_weight.dtype == g_in.dtype:
+                d_weight.addmm_(g_in.T, hidden[lo:hi])  # accumulate in place, no [V, H] temporary
+            else:
+                d_weight.add_(g_in.T @ hidden[lo:hi])
+        if need_bias:
+            d_bias.add_(g.sum(0))
+    if need_weight:
+        d_weight = d_weight.to(weight.dtype)
+    if need_bias:
+        d_bias = d_bias.to(bias.dtype if bias is not None else weight.dtype)
+    return d_hidden, d_weight, d_bias
+
+
+def logits_logprobs_fwd(logits: Tensor, targets: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    acc = acc_dtype(logits.dtype)
+    rows = logits.shape[0]
+    logp = logits.new_empty(rows, dtype=acc)
+    lse = logits.new_empty(rows, dtype=acc)
+    for lo in range(0, rows, chunk_size):
+        hi = min(lo + chunk_size, rows)
+        block = logits[lo:hi].to(acc)
+        lse[lo:hi] = torch.logsumexp(block, dim=-1)
+        logp[lo:hi] = block.gather(1, targets[lo:hi, None]).squeeze(1) - lse[lo:hi]
+    return logp, lse
+
+
+def logits_logprobs_bwd(
+    grad: Tensor, logits: Tensor, targets: Tensor, lse: Tensor, chunk_size: int
+) -> Tensor:
+    acc = acc_dtype(logits.dtype)
+    out = torch.empty_like(logits)
+    for lo in range(0, logits.shape[0], chunk_size):
+        hi = min(lo + chunk_size, logits.shape[0])
+        g = logits[lo:hi].to(acc).sub_(lse[lo:hi, None]).exp_().mul_(-grad[lo:hi, None])
+        g.scatter_add_(1, targets[lo:hi, None], grad[lo:hi, None].to(acc))
+        out[lo:hi] = g
+    return out
+
+
+def preference_fwd(
+    chosen: Tensor, rejected: Tensor, select: Tensor, coef: Tensor, margin: Tensor, agg: int
+) -> tuple[Tensor, Tensor]:
+    """``z_i = agg_{n in select_i}(coef_in * Delta_in + margin_in)``, ``L_i = softplus(z_i)``.
+
+    ``agg`` is log-sum-exp (S-DPO, NAPO, DPO) or the mean (DMPO, DynamicPO); the returned weights
+    are ``dL_i/dDelta_in = sigmoid(z_i) * a_in * coef_in`` with ``a`` the softmax (LSE) or
+    ``1/|select_i|`` (mean).
+    """
+    delta = rejected[None, :] - chosen[:, None]
+    x = coef * delta + margin
+    if agg == AGG_LSE:
+        x = x.masked_fill(~select, float("-inf"))
+        z = torch.logsumexp(x, dim=-1)
+        a = torch.exp(x - z[:, None])
+    else:
+        count = select.sum(-1).to(x.dtype)
+        a = select.to(x.dtype) / count[:, None]
+        z = (a * x).sum(-1)
+    rows = torch.nn.functional.softplus(z)
+    weights = torch.sigmoid(z)[:, None] * a * coef
+    return rows, weights
