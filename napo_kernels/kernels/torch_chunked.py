@@ -119,7 +119,8 @@ def logits_logprobs_bwd(
     out = torch.empty_like(logits)
     for lo in range(0, logits.shape[0], chunk_size):
         hi = min(lo + chunk_size, logits.shape[0])
-        g = logits[lo:hi].to(acc).sub_(lse[lo:hi, None]).exp_().mul_(-grad[lo:hi, None])
+        # out-of-place first op: for fp32/fp64 ``.to(acc)`` is the caller's tensor itself
+        g = (logits[lo:hi].to(acc) - lse[lo:hi, None]).exp_().mul_(-grad[lo:hi, None])
         g.scatter_add_(1, targets[lo:hi, None], grad[lo:hi, None].to(acc))
         out[lo:hi] = g
     return out
