@@ -1,0 +1,351 @@
+"""Triton stage 1, fused: per-row log-probs of ``hidden @ weight^T (+ bias)`` without logits in memory.
+
+Three kernels, each recomputing ``[BLOCK_R, BLOCK_V]`` logits tiles with ``tl.dot`` over ``H``:
+
+- ``_forward_kernel``: one program per (row block, vocabulary split); an online log-sum-exp over
+  its vocabulary tiles plus the target's logit. Splits are combined by a tiny ``[splits, R]``
+  log-sum-exp in PyTorch. Recommendation batches score few rows (answer tokens only) against a
+  large vocabulary, so splitting the vocabulary is what fills a GPU.
+- ``_hidden_kernel``: ``d_hidden = G @ W`` with ``G = g (onehot - softmax)``, one program per
+  (row block, vocabulary split). With ``EXPECTED`` it computes ``softmax @ W`` instead (``G = p``):
+  the frozen-``lm_head`` forward output, the same loop without the onehot.
+- ``_weight_kernel``: ``d_weight = G^T @ h`` and ``d_bias = colsum(G)``, one program per vocabulary
+  block, looping over all row blocks.
+
+Why two backward kernels and no atomics: each output element is owned by exactly one program
+(split partials go to separate workspace slices, summed afterwards), so the sums run in a fixed order
+and the result is bitwise deterministic run to run. The price is one extra recompute of the logits
+when both hidden and weight gradients are needed (forward 1 + backward 4 GEMM-sized products, against
+1 + 3 for an atomic-add kernel). Accumulation is float32 (float64 for float64 inputs); gradients come
+back in the input dtype. ``chunk_size`` is not used: logits only ever exist as register tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_utils import (
+    INTERPRET,
+    acc_dtype,
+    configs,
+    dot_precision,
+    require_dtype,
+    require_matching,
+    require_targets,
+    row_major,
+    sm_count,
+    tl_acc,
+    tl_dot_dtype,
+)
+
+# Candidates for Ampere/Hopper (unverified on hardware here: no GPU). BLOCK_* >= 16 for tl.dot.
+_ROW_PROGRAM_CONFIGS = [
+    triton.Config({"BLOCK_R": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_R": 128, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_R": 64, "BLOCK_V": 64, "BLOCK_H": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_R": 32, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=4, num_stages=4),
+]
+_VOCAB_PROGRAM_CONFIGS = [
+    triton.Config({"BLOCK_R": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_R": 32, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_R": 64, "BLOCK_V": 64, "BLOCK_H": 128}, num_warps=4, num_stages=3),
+]
+# Under the interpreter: small blocks, so odd test shapes span several tiles in every dimension.
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_R": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=4, num_stages=1)
+
+_NOMINAL_BLOCK_R = 64  # used to size vocabulary splits before autotune picks BLOCK_R
+_MIN_SPLIT_VOCAB = 1024  # no split covers fewer vocabulary columns than this
+_SPLIT_WORKSPACE_BYTES = 256 << 20  # cap on the [splits, R, H] partial d_hidden workspace
+
+
+@triton.jit
+def _split_range(V, BLOCK_V: tl.constexpr):
+    """``[lo, hi)``: the contiguous run of whole vocabulary tiles of this program's split."""
+    tiles = tl.cdiv(tl.cdiv(V, BLOCK_V), tl.num_programs(1))
+    lo = tl.program_id(1) * tiles * BLOCK_V
+    hi = tl.minimum(V, lo + tiles * BLOCK_V)
+    return lo, hi
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """``h[rows] @ W[cols]^T (+ b[cols])`` in ``ACC``; ``-inf`` in columns outside the vocabulary."""
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=ACC)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    return tl.where(col_ok[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def _grad_tile(logits, lse, g, target, rows_ok, cols, col_ok, EXPECTED: tl.constexpr):
+    """``d s / d logits`` scaled by ``g``: ``g (onehot - p)``, or ``p`` itself for ``EXPECTED``;
+    exactly 0 outside the valid rows and columns (so padding never reaches a GEMM as NaN)."""
+    p = tl.exp(logits - lse[:, None])
+    if EXPECTED:
+        grad = p
+    else:
+        onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+        grad = g[:, None] * (onehot - p)
+    return tl.where(rows_ok[:, None] & col_ok[None, :], grad, 0.0)
+
+
+@triton.autotune(configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS"])
+@triton.jit
+def _forward_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr, max_ptr, sum_ptr, pick_ptr, R, V, H, stride_h, stride_w,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    target = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+    v_lo, v_hi = _split_range(V, BLOCK_V)
+    run_max = tl.full((BLOCK_R,), float("-inf"), ACC)
+    run_sum = tl.zeros((BLOCK_R,), ACC)
+    picked = tl.zeros((BLOCK_R,), ACC)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_hi
+        logits = _logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
+            HAS_BIAS, ACC, DOT, PREC, BLOCK_R, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        new_max = tl.maximum(run_max, tl.max(logits, 1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows of only -inf logits so far
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
+        run_max = new_max
+        picked += tl.sum(tl.where(cols[None, :] == target[:, None], logits, 0.0), 1)
+    # an empty split (more splits than tiles) stores the neutral (-inf, 0, 0)
+    out = tl.program_id(1) * R + rows
+    tl.store(max_ptr + out, run_max, mask=row_ok)
+    tl.store(sum_ptr + out, run_sum, mask=row_ok)
+    tl.store(pick_ptr + out, picked, mask=row_ok)
+
+
+@triton.autotune(
+    configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS", "EXPECTED"]
+)
+@triton.jit
+def _hidden_kernel(
+    g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, out_ptr, R, V, H, stride_h, stride_w,
+    EXPECTED: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    target = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    v_lo, v_hi = _split_range(V, BLOCK_V)
+    # this split's [R, H] slice of the output; only this program touches these rows
+    out_rows = out_ptr + (tl.program_id(1) * R + rows).to(tl.int64)[:, None] * H
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_hi
+        logits = _logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
+            HAS_BIAS, ACC, DOT, PREC, BLOCK_R, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        grad = _grad_tile(logits, lse, g, target, row_ok, cols, col_ok, EXPECTED).to(DOT)
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_ok = ks < H
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+            ok = row_ok[:, None] & k_ok[None, :]
+            # the first tile overwrites instead of adding: no zero-fill, and autotune reruns are harmless
+            again = ok & ((ks[None, :] * 0 + v0) > v_lo)
+            prev = tl.load(out_rows + ks[None, :], mask=again, other=0.0)
+            tl.store(out_rows + ks[None, :], tl.dot(grad, w, prev, input_precision=PREC), mask=ok)
+
+
+@triton.autotune(
+    configs=configs(_VOCAB_PROGRAM_CONFIGS, _INTERPRETER_CONFIG),
+    key=["V", "H", "HAS_BIAS", "NEED_WEIGHT", "NEED_BIAS"],
+)
+@triton.jit
+def _weight_kernel(
+    g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, dw_ptr, db_ptr, R, V, H, stride_h, stride_w,
+    NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    col_sum = tl.zeros((BLOCK_V,), ACC)
+    dw_rows = dw_ptr + cols.to(tl.int64)[:, None] * H
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        target = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        logits = _logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
+            HAS_BIAS, ACC, DOT, PREC, BLOCK_R, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        grad = _grad_tile(logits, lse, g, target, row_ok, cols, col_ok, False)
+        if NEED_BIAS:
+            col_sum += tl.sum(grad, 0)
+        if NEED_WEIGHT:
+            grad_t = tl.trans(grad.to(DOT))
+            h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+            for k0 in range(0, H, BLOCK_H):
+                ks = k0 + tl.arange(0, BLOCK_H)
+                k_ok = ks < H
+                h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+                ok = col_ok[:, None] & k_ok[None, :]
+                again = ok & ((ks[None, :] * 0 + r0) > 0)
+                prev = tl.load(dw_rows + ks[None, :], mask=again, other=0.0)
+                tl.store(dw_rows + ks[None, :], tl.dot(grad_t, h, prev, input_precision=PREC), mask=ok)
+    if NEED_BIAS:
+        tl.store(db_ptr + cols, col_sum, mask=col_ok)
+
+
+def vocab_splits(rows: int, vocab: int, hidden_size: int, device: torch.device) -> int:
+    """How many programs share one row block's vocabulary sweep: enough for ~2 programs per SM,
+    each split at least ``_MIN_SPLIT_VOCAB`` columns, partial sums within the workspace cap.
+    Always 1 under the interpreter (each program instance costs time there)."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    row_blocks = triton.cdiv(rows, _NOMINAL_BLOCK_R)
+    want = triton.cdiv(2 * sm_count(device), row_blocks)
+    fit = max(1, _SPLIT_WORKSPACE_BYTES // max(1, 4 * rows * hidden_size))
+    return max(1, min(want, triton.cdiv(vocab, _MIN_SPLIT_VOCAB), fit))
+
+
+def _check(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> None:
+    require_dtype("hidden", hidden)
+    require_matching("weight", weight, "hidden", hidden)
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be [R, H] and weight [V, H]; got {list(hidden.shape)} and {list(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (V = 0): no log-probability is defined")
+    if bias is not None:
+        require_matching("bias", bias, "weight", weight)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [V={weight.shape[0]}], got {list(bias.shape)}")
+    require_targets(targets, hidden.shape[0], weight.shape[0])
+
+
+def _common(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> dict:
+    return dict(
+        HAS_BIAS=bias is not None,
+        ACC=tl_acc(hidden.dtype),
+        DOT=tl_dot_dtype(hidden.dtype),
+        PREC=dot_precision(hidden.dtype),
+    )
+
+
+def _hidden_pass(
+    grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
+    expected: bool, splits: int | None,
+) -> Tensor:  # fmt: skip
+    """``G @ W`` over the whole vocabulary, ``[R, H]`` in the accumulation dtype."""
+    (r, h), v = hidden.shape, weight.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    s = splits or vocab_splits(r, v, h, hidden.device)
+    # split > 1: one [R, H] partial per split (zeros: a split may own no tile), summed below
+    out = hidden.new_empty((r, h), dtype=acc) if s == 1 else hidden.new_zeros((s, r, h), dtype=acc)
+    grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), s)
+    _hidden_kernel[grid](
+        grad, hidden, weight, weight if bias is None else bias, targets, lse, out,
+        r, v, h, hidden.stride(0), weight.stride(0), EXPECTED=expected, **_common(hidden, weight, bias),
+    )  # fmt: skip
+    return out if s == 1 else out.sum(0)
+
+
+def linear_logprobs_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    chunk_size: int,
+    compute_expected: bool,
+    splits: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logp [R], lse [R], expected [R, H] or [0])`` in the accumulation dtype (contract of
+    ``torch_chunked``); ``chunk_size`` is ignored, ``splits`` overrides the vocabulary split."""
+    _check(hidden, weight, bias, targets)
+    hidden, weight, targets = row_major(hidden), row_major(weight), targets.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    (r, h), v = hidden.shape, weight.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    expected = hidden.new_empty((r, h) if compute_expected else (0,), dtype=acc)
+    if r == 0:
+        return hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc), expected
+    s = splits or vocab_splits(r, v, h, hidden.device)
+    run_max, run_sum, picked = (hidden.new_empty((s, r), dtype=acc) for _ in range(3))
+    grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), s)
+    _forward_kernel[grid](
+        hidden, weight, weight if bias is None else bias, targets, run_max, run_sum, picked,
+        r, v, h, hidden.stride(0), weight.stride(0), **_common(hidden, weight, bias),
+    )  # fmt: skip
+    lse = torch.logsumexp(run_max + run_sum.log(), dim=0)  # combine the splits: [splits, R] -> [R]
+    logp = picked.sum(0) - lse
+    if compute_expected:
+        expected = _hidden_pass(lse, hidden, weight, bias, targets, lse, True, splits)
+    return logp, lse, expected
+
+
+def linear_logprobs_bwd(
+    grad: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    splits: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d_hidden, d_weight, d_bias)`` in the input dtypes, empty ``[0]`` where not needed."""
+    _check(hidden, weight, bias, targets)
+    hidden, weight, targets = row_major(hidden), row_major(weight), targets.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    (r, h), v = hidden.shape, weight.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    grad, lse = grad.to(acc).contiguous(), lse.to(acc).contiguous()
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    d_hidden = hidden.new_empty(0)
+    if need_hidden:
+        d_hidden = (
+            _hidden_pass(grad, hidden, weight, bias, targets, lse, False, splits).to(hidden.dtype)
+            if r
+            else torch.empty_like(hidden)
+        )
+    d_weight, d_bias = weight.new_empty(0), weight.new_empty(0)
+    if need_weight or need_bias:
+        alloc = weight.new_empty if r else weight.new_zeros  # the kernel writes every element it owns
+        dw = alloc((v, h) if need_weight else (0,), dtype=acc)
+        db = alloc(v if need_bias else 0, dtype=acc)
+        if r:  # no rows: the zero gradients stand (the kernel writes only rows it sees)
+            _weight_kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_V"]),)](
+                grad, hidden, weight, weight if bias is None else bias, targets, lse, dw, db,
+                r, v, h, hidden.stride(0), weight.stride(0),
+                NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, **_common(hidden, weight, bias),
+            )  # fmt: skip
+        if need_weight:
+            d_weight = dw.to(weight.dtype)
+        if need_bias:
+            d_bias = db.to(bias_dtype)
+    return d_hidden, d_weight, d_bias
