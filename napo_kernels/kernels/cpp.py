@@ -2,7 +2,9 @@
 
 The C++ ops are declared once in ``csrc/ops.cpp`` with ``TORCH_LIBRARY`` schemas and implemented
 per device (``csrc/cpu``, ``csrc/cuda``); the dispatcher picks the implementation from the tensors'
-device. Contract: as in ``napo_kernels.kernels.torch_chunked``.
+device. Contract: as in ``napo_kernels.kernels.torch_chunked``. This module also registers the
+fake (meta) implementations, so ``torch.compile`` and ``torch.library.opcheck`` can trace the ops
+(``csrc/ops.cpp`` names this module as the place they live).
 """
 
 from __future__ import annotations
@@ -12,28 +14,94 @@ from torch import Tensor
 
 import napo_kernels._C  # noqa: F401  (loads the library that registers torch.ops.napo_C)
 
+from .torch_chunked import acc_dtype
+
 _ops = torch.ops.napo_C
 
 
-def linear_logprobs_fwd(hidden, weight, bias, targets, chunk_size, compute_expected):
+def linear_logprobs_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    chunk_size: int,
+    compute_expected: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     return _ops.linear_logprobs_fwd(hidden, weight, bias, targets, chunk_size, compute_expected)
 
 
 def linear_logprobs_bwd(
-    grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias
-):
+    grad: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     return _ops.linear_logprobs_bwd(
         grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias
     )
 
 
-def logits_logprobs_fwd(logits: Tensor, targets: Tensor, chunk_size: int):
+def logits_logprobs_fwd(logits: Tensor, targets: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    # The C++ pass streams each row once, so it needs no chunking: chunk_size is accepted for the contract.
     return _ops.logits_logprobs_fwd(logits, targets)
 
 
-def logits_logprobs_bwd(grad: Tensor, logits: Tensor, targets: Tensor, lse: Tensor, chunk_size: int):
+def logits_logprobs_bwd(
+    grad: Tensor, logits: Tensor, targets: Tensor, lse: Tensor, chunk_size: int
+) -> Tensor:
     return _ops.logits_logprobs_bwd(grad, logits, targets, lse)
 
 
-def preference_fwd(chosen, rejected, select, coef, margin, agg):
+def preference_fwd(
+    chosen: Tensor, rejected: Tensor, select: Tensor, coef: Tensor, margin: Tensor, agg: int
+) -> tuple[Tensor, Tensor]:
     return _ops.preference_fwd(chosen, rejected, select, coef, margin, agg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake implementations: output shapes and dtypes only (they mirror csrc/chunked_linear.h).
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("napo_C::linear_logprobs_fwd")
+def _(hidden, weight, bias, targets, chunk_size, compute_expected):
+    acc = acc_dtype(hidden.dtype)
+    rows = hidden.shape[0]
+    expected_shape = (rows, hidden.shape[1]) if compute_expected else (0,)
+    return (
+        hidden.new_empty(rows, dtype=acc),
+        hidden.new_empty(rows, dtype=acc),
+        hidden.new_empty(expected_shape, dtype=acc),
+    )
+
+
+@torch.library.register_fake("napo_C::linear_logprobs_bwd")
+def _(grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias):
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    return (
+        hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
+        weight.new_empty(weight.shape[0], dtype=bias_dtype) if need_bias else weight.new_empty(0),
+    )
+
+
+@torch.library.register_fake("napo_C::logits_logprobs_fwd")
+def _(logits, targets):
+    acc = acc_dtype(logits.dtype)
+    return logits.new_empty(logits.shape[0], dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)
+
+
+@torch.library.register_fake("napo_C::logits_logprobs_bwd")
+def _(grad, logits, targets, lse):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("napo_C::preference_fwd")
+def _(chosen, rejected, select, coef, margin, agg):
+    return chosen.new_empty(chosen.shape), chosen.new_empty(select.shape)

@@ -1,0 +1,143 @@
+// The device-independent part of stage 1: the chunk loop and its GEMMs (ATen: MKL/oneDNN on CPU,
+// cuBLAS on CUDA). Each device supplies its fused per-row passes as a `Passes` policy:
+//
+//   Passes::check_targets(targets, vocab)
+//   Passes::logprob_rows(logits [n, V], probs [n, V] or undefined, targets, logp, lse)
+//   Passes::logit_grad_rows(in [n, V], out [n, V], targets, grad, lse, d_bias or undefined)
+//
+// (contracts as in csrc/cpu/row_kernels.h). The CPU build instantiates it with the CPU passes, so
+// the CPU tests also cover the loop the CUDA build runs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "arg_checks.h"
+
+namespace napo {
+
+// logits = hidden @ weight^T (+ bias), in the input dtype, written into `out`.
+inline void chunk_logits(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias) {
+  if (bias.has_value())
+    at::addmm_out(out, *bias, hidden, weight.t());
+  else
+    at::mm_out(out, hidden, weight.t());
+}
+
+template <class Passes>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   const at::Tensor& targets_in, int64_t chunk_size,
+                                                                   bool compute_expected) {
+  check_linear("napo_C::linear_logprobs_fwd", hidden, weight, bias, targets_in, chunk_size);
+  const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
+  const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
+  const at::Tensor targets = targets_in.contiguous();
+  Passes::check_targets(targets, vocab);
+  at::Tensor logp = at::empty({rows}, acc), lse = at::empty({rows}, acc);
+  at::Tensor expected = compute_expected ? at::empty({rows, width}, acc) : at::empty({0}, acc);
+  if (rows == 0) return {logp, lse, expected};
+
+  // One [chunk, V] block in the input dtype is reused by every chunk (and becomes the softmax).
+  at::Tensor block = at::empty({std::min(chunk_size, rows), vocab}, hidden.options());
+  const bool acc_is_input = acc.dtype() == hidden.dtype();
+  for (int64_t lo = 0; lo < rows; lo += chunk_size) {
+    const int64_t n = std::min(chunk_size, rows - lo);
+    at::Tensor logits = block.narrow(0, 0, n);
+    chunk_logits(logits, hidden.narrow(0, lo, n), weight, bias);
+    Passes::logprob_rows(logits, compute_expected ? logits : at::Tensor(), targets.narrow(0, lo, n),
+                         logp.narrow(0, lo, n), lse.narrow(0, lo, n));
+    if (compute_expected) {
+      at::Tensor out = expected.narrow(0, lo, n);
+      if (acc_is_input)
+        at::mm_out(out, logits, weight);
+      else  // fp16/bf16: the GEMM runs in the input dtype (as the torch backend), stored in fp32
+        out.copy_(at::mm(logits, weight));
+    }
+  }
+  return {logp, lse, expected};
+}
+
+template <class Passes>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
+    const at::Tensor& grad_in, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets_in, const at::Tensor& lse_in,
+    int64_t chunk_size, bool need_hidden, bool need_weight, bool need_bias) {
+  const char* op = "napo_C::linear_logprobs_bwd";
+  check_linear(op, hidden, weight, bias, targets_in, chunk_size);
+  check_row_vector(op, "grad", grad_in, hidden);
+  check_row_vector(op, "lse", lse_in, hidden);
+  const int64_t rows = hidden.size(0), vocab = weight.size(0);
+  const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
+  const at::Tensor targets = targets_in.contiguous(), grad = grad_in.contiguous(), lse = lse_in.contiguous();
+  Passes::check_targets(targets, vocab);
+  const bool acc_is_input = acc.dtype() == hidden.dtype();
+
+  at::Tensor d_hidden = need_hidden ? at::empty(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
+  // fp32/fp64: the weight gradient accumulates in place (the first chunk writes it, no zero fill);
+  // fp16/bf16: in an fp32 buffer, each chunk's product rounded once (as the torch backend).
+  at::Tensor d_weight = !need_weight  ? at::empty({0}, weight.options())
+                        : acc_is_input ? at::empty(weight.sizes(), weight.options())
+                                       : at::zeros(weight.sizes(), acc);
+  at::Tensor d_bias = need_bias ? at::zeros({vocab}, acc) : at::empty({0}, weight.options());
+  if (need_weight && acc_is_input && rows == 0) d_weight.zero_();
+
+  if (rows > 0 && (need_hidden || need_weight || need_bias)) {
+    at::Tensor block = at::empty({std::min(chunk_size, rows), vocab}, hidden.options());
+    for (int64_t lo = 0; lo < rows; lo += chunk_size) {
+      const int64_t n = std::min(chunk_size, rows - lo);
+      const at::Tensor h = hidden.narrow(0, lo, n);
+      at::Tensor g = block.narrow(0, 0, n);
+      chunk_logits(g, h, weight, bias);
+      // in place: the logits chunk becomes grad_r * (onehot - softmax), the bias gradient is summed
+      Passes::logit_grad_rows(g, g, targets.narrow(0, lo, n), grad.narrow(0, lo, n), lse.narrow(0, lo, n),
+                              need_bias ? d_bias : at::Tensor());
+      if (need_hidden) {
+        at::Tensor out = d_hidden.narrow(0, lo, n);
+        at::mm_out(out, g, weight);
+      }
+      if (need_weight) {
+        if (!acc_is_input)
+          d_weight.add_(at::mm(g.t(), h));
+        else if (lo == 0)
+          at::mm_out(d_weight, g.t(), h);
+        else
+          d_weight.addmm_(g.t(), h);
+      }
+    }
+  }
+  if (need_weight && !acc_is_input) d_weight = d_weight.to(weight.scalar_type());
+  if (need_bias) d_bias = d_bias.to(bias.has_value() ? bias->scalar_type() : weight.scalar_type());
+  return {d_hidden, d_weight, d_bias};
+}
+
+template <class Passes>
+std::tuple<at::Tensor, at::Tensor> logits_logprobs_fwd(const at::Tensor& logits_in, const at::Tensor& targets_in) {
+  check_logits("napo_C::logits_logprobs_fwd", logits_in, targets_in);
+  const at::Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
+  Passes::check_targets(targets, logits.size(1));
+  const auto acc = logits.options().dtype(acc_type(logits.scalar_type()));
+  at::Tensor logp = at::empty({logits.size(0)}, acc), lse = at::empty({logits.size(0)}, acc);
+  if (logits.size(0) > 0) Passes::logprob_rows(logits, at::Tensor(), targets, logp, lse);
+  return {logp, lse};
+}
+
+template <class Passes>
+at::Tensor logits_logprobs_bwd(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& targets_in,
+                               const at::Tensor& lse_in) {
+  const char* op = "napo_C::logits_logprobs_bwd";
+  check_logits(op, logits_in, targets_in);
+  check_row_vector(op, "grad", grad_in, logits_in);
+  check_row_vector(op, "lse", lse_in, logits_in);
+  const at::Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
+  Passes::check_targets(targets, logits.size(1));
+  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  if (logits.numel() > 0)
+    Passes::logit_grad_rows(logits, out, targets, grad_in.contiguous(), lse_in.contiguous(), at::Tensor());
+  return out;
+}
+
+}  // namespace napo

@@ -1,0 +1,75 @@
+// CPU implementations of the napo_C ops: the shared chunk loop (chunked_linear.h) with the OpenMP
+// row passes of row_kernels.cpp, and stage 2.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "chunked_linear.h"
+#include "cpu/row_kernels.h"
+
+namespace napo {
+namespace {
+
+struct CpuPasses {
+  static void check_targets(const at::Tensor& targets, int64_t vocab) {
+    const int64_t* t = targets.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < targets.numel(); ++r)
+      TORCH_CHECK_VALUE(0 <= t[r] && t[r] < vocab, "napo_C: targets[", r, "] = ", t[r], " is outside [0, ", vocab,
+                        ") (the vocabulary size)");
+  }
+
+  static void logprob_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
+                           at::Tensor logp, at::Tensor lse) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "napo_logprob_rows", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      cpu::logprob_rows<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(),
+                                         probs.defined() ? probs.mutable_data_ptr<scalar_t>() : nullptr,
+                                         logits.size(0), logits.size(1), targets.const_data_ptr<int64_t>(),
+                                         logp.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
+    });
+  }
+
+  static void logit_grad_rows(const at::Tensor& in, const at::Tensor& out, const at::Tensor& targets,
+                              const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& d_bias) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "napo_logit_grad_rows", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      cpu::logit_grad_rows<scalar_t, acc_t>(in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                            in.size(0), in.size(1), targets.const_data_ptr<int64_t>(),
+                                            grad.const_data_ptr<acc_t>(), lse.const_data_ptr<acc_t>(),
+                                            d_bias.defined() ? d_bias.mutable_data_ptr<acc_t>() : nullptr);
+    });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, const at::Tensor& rejected_in,
+                                                  const at::Tensor& select_in, const at::Tensor& coef_in,
+                                                  const at::Tensor& margin_in, int64_t agg) {
+  check_preference(chosen_in, rejected_in, select_in, coef_in, margin_in, agg);
+  const at::Tensor chosen = chosen_in.contiguous(), rejected = rejected_in.contiguous();
+  const at::Tensor select = select_in.contiguous(), coef = coef_in.contiguous(), margin = margin_in.contiguous();
+  const int64_t batch = chosen.size(0), pool = rejected.size(0);
+  at::Tensor rows = at::empty({batch}, chosen.options());
+  at::Tensor weights = at::empty({batch, pool}, chosen.options());
+  int64_t empty_row = -1;
+  AT_DISPATCH_FLOATING_TYPES(chosen.scalar_type(), "napo_preference_rows", [&] {
+    empty_row = cpu::preference_rows<scalar_t>(
+        chosen.const_data_ptr<scalar_t>(), rejected.const_data_ptr<scalar_t>(), select.const_data_ptr<bool>(),
+        coef.const_data_ptr<scalar_t>(), margin.const_data_ptr<scalar_t>(), batch, pool, static_cast<int>(agg),
+        rows.mutable_data_ptr<scalar_t>(), weights.mutable_data_ptr<scalar_t>());
+  });
+  TORCH_CHECK_VALUE(empty_row < 0, "napo_C::preference_fwd: prompt ", empty_row,
+                    " has no selected negative (select[", empty_row, "] is all False), so its loss is undefined");
+  return {rows, weights};
+}
+
+}  // namespace
+}  // namespace napo
+
+TORCH_LIBRARY_IMPL(napo_C, CPU, m) {
+  m.impl("linear_logprobs_fwd", &napo::linear_logprobs_fwd<napo::CpuPasses>);
+  m.impl("linear_logprobs_bwd", &napo::linear_logprobs_bwd<napo::CpuPasses>);
+  m.impl("logits_logprobs_fwd", &napo::logits_logprobs_fwd<napo::CpuPasses>);
+  m.impl("logits_logprobs_bwd", &napo::logits_logprobs_bwd<napo::CpuPasses>);
+  m.impl("preference_fwd", &napo::preference_fwd);
+}

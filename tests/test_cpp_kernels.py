@@ -1,0 +1,430 @@
+"""The C++ CPU kernels (``torch.ops.napo_C``, csrc/) against the pure-torch twin and the reference.
+
+Every op is compared with ``napo_kernels.kernels.torch_chunked`` (same contract, same GEMMs, so
+the two agree to a few ulps) and with a float64 autograd ground truth built from
+``napo_kernels.reference`` on odd, hypothesis-chosen shapes. fp16/bf16 follow the "no worse than
+the torch backend plus a margin" rule against that ground truth.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip(
+    "napo_kernels._C",
+    reason="C++ extension napo_kernels._C is not built (pip install --no-build-isolation -e .)",
+)
+
+from napo_kernels import reference  # noqa: E402
+from napo_kernels.kernels import cpp, torch_chunked  # noqa: E402
+from napo_kernels.ops.linear_logprobs import linear_logprobs  # noqa: E402
+from napo_kernels.ops.logits_logprobs import logits_logprobs  # noqa: E402
+from napo_kernels.ops.preference import preference_rows  # noqa: E402
+
+FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# |cpp - torch backend| for outputs that go through the same GEMM (the row pass differs by ulps)
+TWIN_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+# gradients are rounded to the input dtype: allow one or two units in the last place
+GRAD_TWIN_RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+SETTINGS = settings(max_examples=30, deadline=None)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _problem(rows, width, vocab, dtype, with_bias, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(rows, width, generator=g, dtype=torch.float64) * scale).to(dtype)
+    weight = (torch.randn(vocab, width, generator=g, dtype=torch.float64) / width**0.5).to(dtype)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64).to(dtype) if with_bias else None
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    grad = torch.randn(rows, generator=g, dtype=_acc(dtype))
+    return hidden, weight, bias, targets, grad
+
+
+def _truth(hidden, weight, bias, targets, grad):
+    """float64 ground truth from the reference: logp, lse, expected and the three gradients."""
+    h = hidden.double().requires_grad_(True)
+    w = weight.double().requires_grad_(True)
+    # a zero bias when there is none: its gradient is what the op returns for need_bias without a bias
+    b = (
+        bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    ).requires_grad_()
+    # one-token sequences [R, 1]: the reference scores are then per-row log-probs
+    logp = reference.sequence_scores(h[:, None], w, targets[:, None], b)
+    logits = h @ w.T + b
+    lse = torch.logsumexp(logits, -1)
+    expected = torch.softmax(logits, -1) @ w
+    logp.backward(grad.double())
+    return dict(
+        logp=logp.detach(), lse=lse.detach(), expected=expected.detach(),
+        d_hidden=h.grad, d_weight=w.grad, d_bias=b.grad,
+    )  # fmt: skip
+
+
+def _err(x, y):
+    return (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+
+
+def _close_twin(got, want, dtype, rtol):
+    scale = want.double().abs().max().item() if want.numel() else 0.0
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert _err(got, want) <= rtol * max(scale, 1.0), (_err(got, want), scale)
+
+
+def _no_worse(got, twin, truth, dtype, margin=1e-3):
+    """Low precision: the C++ error vs the fp64 truth is at most the torch backend's plus a margin."""
+    scale = max(truth.abs().max().item(), 1.0)
+    assert _err(got, truth) <= 2 * _err(twin, truth) + margin * scale, (_err(got, truth), _err(twin, truth))
+
+
+shapes = dict(
+    rows=st.integers(1, 23),
+    width=st.integers(1, 37),
+    vocab=st.integers(1, 301),
+    chunk_extra=st.integers(0, 26),
+    with_bias=st.booleans(),
+    dtype=st.sampled_from(FLOATS),
+    seed=st.integers(0, 2**16),
+)
+
+
+@SETTINGS
+@given(**shapes, compute_expected=st.booleans())
+def test_linear_forward(rows, width, vocab, chunk_extra, with_bias, dtype, seed, compute_expected):
+    chunk = 1 + chunk_extra % (rows + 3)  # 1 .. rows + 3
+    hidden, weight, bias, targets, _ = _problem(rows, width, vocab, dtype, with_bias, seed)
+    got = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, compute_expected)
+    twin = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, compute_expected)
+    truth = _truth(hidden, weight, bias, targets, torch.zeros(rows, dtype=_acc(dtype)))
+    for g, t in zip(got[:2], twin[:2]):
+        _close_twin(g, t, dtype, TWIN_TOL[dtype])
+    assert got[2].shape == ((rows, width) if compute_expected else (0,)) and got[2].dtype == _acc(dtype)
+    if compute_expected:
+        _close_twin(got[2], twin[2], dtype, GRAD_TWIN_RTOL[dtype])
+    names = ("logp", "lse", "expected") if compute_expected else ("logp", "lse")
+    for name, g, t in zip(names, got, twin):
+        if dtype in (torch.float64, torch.float32):
+            tol = 1e-10 if dtype == torch.float64 else 2e-5
+            assert _err(g, truth[name]) <= tol * max(truth[name].abs().max().item(), 1.0), name
+        else:
+            _no_worse(g, t, truth[name], dtype)
+
+
+@SETTINGS
+@given(**shapes, need=st.tuples(st.booleans(), st.booleans(), st.booleans()))
+def test_linear_backward(rows, width, vocab, chunk_extra, with_bias, dtype, seed, need):
+    chunk = 1 + chunk_extra % (rows + 3)
+    need_hidden, need_weight, need_bias = need
+    hidden, weight, bias, targets, grad = _problem(rows, width, vocab, dtype, with_bias, seed)
+    lse = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, False)[1]
+    args = (grad, hidden, weight, bias, targets, lse, chunk, need_hidden, need_weight, need_bias)
+    got = cpp.linear_logprobs_bwd(*args)
+    twin = torch_chunked.linear_logprobs_bwd(*args)
+    truth = _truth(hidden, weight, bias, targets, grad)
+    names = ("d_hidden", "d_weight", "d_bias")
+    for name, wanted, g, t in zip(names, need, got, twin):
+        if not wanted:
+            assert g.numel() == 0, name
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        _close_twin(g, t, dtype, GRAD_TWIN_RTOL[dtype])
+        want = truth[name]
+        if dtype in (torch.float64, torch.float32):
+            tol = 1e-10 if dtype == torch.float64 else 5e-5
+            assert _err(g, want) <= tol * max(want.abs().max().item(), 1.0), name
+        else:
+            _no_worse(g, t, want, dtype, margin=2e-2)
+
+
+@SETTINGS
+@given(
+    rows=st.integers(1, 19), vocab=st.integers(1, 517), dtype=st.sampled_from(FLOATS),
+    seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 30.0]),
+)  # fmt: skip
+def test_logits_forward_backward(rows, vocab, dtype, seed, scale):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    grad = torch.randn(rows, generator=gen, dtype=_acc(dtype))
+    logp, lse = cpp.logits_logprobs_fwd(logits, targets, 1)
+    twin_logp, twin_lse = torch_chunked.logits_logprobs_fwd(logits, targets, 3)
+    _close_twin(logp, twin_logp, dtype, TWIN_TOL[dtype])
+    _close_twin(lse, twin_lse, dtype, TWIN_TOL[dtype])
+    d_logits = cpp.logits_logprobs_bwd(grad, logits, targets, lse, 1)
+    twin = torch_chunked.logits_logprobs_bwd(grad, logits, targets, twin_lse, 3)
+    _close_twin(d_logits, twin, dtype, GRAD_TWIN_RTOL[dtype])
+    x = logits.double().requires_grad_(True)
+    truth = reference.sequence_scores_from_logits(x[:, None], targets[:, None])
+    truth.backward(grad.double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 5e-3)
+    assert _err(logp, truth.detach()) <= tol * max(truth.abs().max().item(), 1.0)
+    assert _err(d_logits, x.grad) <= max(tol, GRAD_TWIN_RTOL[dtype]) * max(x.grad.abs().max().item(), 1.0)
+
+
+def _preference_inputs(batch, pool, dtype, seed, agg):
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randn(batch, generator=gen, dtype=dtype) * 3
+    rejected = torch.randn(pool, generator=gen, dtype=dtype) * 3
+    select = torch.rand(batch, pool, generator=gen) < 0.6
+    select[torch.arange(batch), torch.randint(0, pool, (batch,), generator=gen)] = True  # never empty
+    coef = 0.5 + torch.rand(batch, pool, generator=gen, dtype=dtype)
+    margin = torch.randn(batch, pool, generator=gen, dtype=dtype)
+    return chosen, rejected, select, coef, margin
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 9), pool=st.integers(1, 40), agg=st.sampled_from([0, 1]),
+    dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_preference_matches_torch_and_reference(batch, pool, agg, dtype, seed):
+    chosen, rejected, select, coef, margin = _preference_inputs(batch, pool, dtype, seed, agg)
+    rows, weights = cpp.preference_fwd(chosen, rejected, select, coef, margin, agg)
+    twin_rows, twin_weights = torch_chunked.preference_fwd(chosen, rejected, select, coef, margin, agg)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    _close_twin(rows, twin_rows, dtype, tol)
+    _close_twin(weights, twin_weights, dtype, tol)
+    # ground truth: the reference's losses, weights = d loss_i / d Delta_in by autograd (float64)
+    delta = reference.reward_matrix(chosen.double(), rejected.double()).requires_grad_(True)
+    if agg == 0:  # NAPO / S-DPO form: per-pair margin, one beta
+        beta = float(coef[0, 0])
+        coef = torch.full_like(coef, beta)
+        rows, weights = cpp.preference_fwd(chosen, rejected, select, coef, margin, agg)
+        truth = reference.napo_loss(delta, select, margin.double(), beta)
+    else:  # DMPO / DynamicPO form: per-pair beta_n, one additive gamma
+        gamma = float(margin[0, 0])
+        rows, weights = cpp.preference_fwd(
+            chosen, rejected, select, coef, torch.full_like(margin, gamma), agg
+        )
+        truth = reference.dynamicpo_loss(delta, select, coef.double(), gamma)
+    truth.sum().backward()
+    assert _err(rows, truth.detach()) <= 10 * tol * max(truth.abs().max().item(), 1.0)
+    assert _err(weights, delta.grad) <= 10 * tol * max(delta.grad.abs().max().item(), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck (float64) through the custom ops with backend="cpp": forward and hand-written backward
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gradcheck_linear(with_bias, frozen):
+    hidden, weight, bias, targets, _ = _problem(7, 5, 13, torch.float64, with_bias, seed=3)
+    hidden.requires_grad_(True)
+    if not frozen:
+        weight.requires_grad_(True)
+        if bias is not None:
+            bias.requires_grad_(True)
+
+    def f(h, w, b):
+        return linear_logprobs(h, w, b, targets, 3, frozen, "cpp")[0]
+
+    assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+
+
+def test_gradcheck_logits_and_preference():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (6,), generator=gen)
+    assert torch.autograd.gradcheck(lambda x: logits_logprobs(x, targets, 4, "cpp")[0], (logits,))
+    for agg in (0, 1):
+        chosen, rejected, select, coef, margin = _preference_inputs(4, 9, torch.float64, 7, agg)
+        chosen.requires_grad_(True)
+        rejected.requires_grad_(True)
+
+        def f(c, r, agg=agg, select=select, coef=coef, margin=margin):
+            return preference_rows(c, r, select, coef, margin, None, agg, "cpp")[0]
+
+        assert torch.autograd.gradcheck(f, (chosen, rejected))
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics at the edges
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_logits_do_not_overflow(dtype):
+    gen = torch.Generator().manual_seed(11)
+    logits = (torch.randn(5, 257, generator=gen, dtype=torch.float64) * 1e4).to(dtype)
+    targets = torch.randint(0, 257, (5,), generator=gen)
+    logp, lse = cpp.logits_logprobs_fwd(logits, targets, 2)
+    truth = reference.sequence_scores_from_logits(logits.double()[:, None], targets[:, None])
+    assert torch.isfinite(logp).all() and torch.isfinite(lse).all()
+    assert _err(logp, truth) <= 1e-6 * 1e4
+    # the same through the fused linear path: logits ~ 1e4 from hidden @ W^T
+    hidden, weight, bias, targets, grad = _problem(9, 8, 101, dtype, True, seed=2, scale=3e3)
+    logp, lse, expected = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 4, True)
+    d = cpp.linear_logprobs_bwd(grad, hidden, weight, bias, targets, lse, 4, True, True, True)
+    truth = _truth(hidden, weight, bias, targets, grad)
+    assert (hidden.double() @ weight.double().T).abs().max() > 5e3
+    for x in (logp, lse, expected, *d):
+        assert torch.isfinite(x).all()
+    assert _err(logp, truth["logp"]) <= 1e-6 * 1e4
+    assert _err(d[0], truth["d_hidden"]) <= 1e-4 * max(truth["d_hidden"].abs().max().item(), 1.0)
+
+
+def test_masked_vocabulary_and_nan_rows():
+    """-inf logits (a masked vocabulary entry) get probability 0; a NaN poisons only its own row."""
+    logits = torch.randn(4, 70, dtype=torch.float64)
+    logits[:, 5:40] = float("-inf")
+    logits[2, 60] = float("nan")
+    targets = torch.tensor([0, 41, 1, 69])
+    grad = torch.ones(4, dtype=torch.float64)
+    logp, lse = cpp.logits_logprobs_fwd(logits, targets, 1)
+    twin_logp, twin_lse = torch_chunked.logits_logprobs_fwd(logits, targets, 1)
+    ok = torch.tensor([True, True, False, True])
+    assert torch.allclose(logp[ok], twin_logp[ok]) and torch.allclose(lse[ok], twin_lse[ok])
+    assert torch.isnan(logp[2]) and torch.isnan(lse[2])
+    d = cpp.logits_logprobs_bwd(grad, logits, targets, lse, 1)
+    assert torch.allclose(d[ok], torch_chunked.logits_logprobs_bwd(grad, logits, targets, lse, 1)[ok])
+    assert (d[ok][:, 5:40] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism: the same input gives the same bits, whatever the number of threads of the row passes
+# ---------------------------------------------------------------------------------------------
+
+
+def _all_outputs():
+    hidden, weight, bias, targets, grad = _problem(50, 24, 1500, torch.float32, True, seed=9)
+    fwd = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 16, True)
+    bwd = cpp.linear_logprobs_bwd(grad, hidden, weight, bias, targets, fwd[1], 16, True, True, True)
+    logits = torch.randn(40, 3000, generator=torch.Generator().manual_seed(1))
+    lfwd = cpp.logits_logprobs_fwd(logits, targets[:40], 1)
+    lbwd = cpp.logits_logprobs_bwd(grad[:40], logits, targets[:40], lfwd[1], 1)
+    pref = cpp.preference_fwd(*_preference_inputs(64, 700, torch.float32, 4, 0), 0)
+    return [*fwd, *bwd], [*lfwd, lbwd, *pref]
+
+
+def test_deterministic():
+    first_linear, first_rows = _all_outputs()
+    second_linear, second_rows = _all_outputs()
+    for a, b in zip(first_linear + first_rows, second_linear + second_rows):
+        assert torch.equal(a, b)
+    threads = torch.get_num_threads()
+    try:  # the row passes (no GEMM involved) do not depend on the thread count
+        torch.set_num_threads(1)
+        _, single_rows = _all_outputs()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first_rows, single_rows):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op registrations: schema, fake (meta) kernels, torch.compile-style tracing
+# ---------------------------------------------------------------------------------------------
+
+
+def _opcheck_cases():
+    hidden, weight, bias, targets, grad = _problem(6, 5, 17, torch.float32, True, seed=1)
+    lse = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 4, False)[1]
+    logits = torch.randn(6, 17)
+    chosen, rejected, select, coef, margin = _preference_inputs(3, 8, torch.float32, 2, 0)
+    ops = torch.ops.napo_C
+    return [
+        (ops.linear_logprobs_fwd, (hidden, weight, bias, targets, 4, True)),
+        (ops.linear_logprobs_fwd, (hidden, weight, None, targets, 2, False)),
+        (ops.linear_logprobs_bwd, (grad, hidden, weight, bias, targets, lse, 4, True, True, True)),
+        (ops.linear_logprobs_bwd, (grad, hidden, weight, None, targets, lse, 3, True, False, False)),
+        (ops.logits_logprobs_fwd, (logits, targets)),
+        (ops.logits_logprobs_bwd, (grad, logits, targets, lse)),
+        (ops.preference_fwd, (chosen, rejected, select, coef, margin, 0)),
+        (ops.preference_fwd, (chosen, rejected, select, coef, margin, 1)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_has_cuda_is_false_on_a_cpu_build():
+    assert torch.ops.napo_C.has_cuda() is (torch.version.cuda is not None and torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument (and the row)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_errors():
+    hidden, weight, bias, targets, grad = _problem(5, 4, 9, torch.float32, True, seed=0)
+    bad = targets.clone()
+    bad[3] = 9
+    with pytest.raises(ValueError, match=r"targets\[3\] = 9 is outside \[0, 9\)"):
+        cpp.linear_logprobs_fwd(hidden, weight, bias, bad, 2, False)
+    with pytest.raises(ValueError, match=r"targets\[3\]"):
+        cpp.logits_logprobs_fwd(torch.randn(5, 9), bad, 1)
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        cpp.linear_logprobs_fwd(hidden, weight.double(), bias, targets, 2, False)
+    with pytest.raises(ValueError, match="H dimensions differ"):
+        cpp.linear_logprobs_fwd(hidden, weight[:, :3], bias, targets, 2, False)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        cpp.linear_logprobs_fwd(hidden, weight, bias[:4], targets, 2, False)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 0, False)
+    with pytest.raises(TypeError, match="targets must have dtype"):
+        cpp.linear_logprobs_fwd(hidden, weight, bias, targets.int(), 2, False)
+    with pytest.raises(TypeError, match="hidden must be float16"):
+        cpp.linear_logprobs_fwd(hidden.int(), weight.int(), None, targets, 2, False)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        cpp.linear_logprobs_bwd(grad, hidden, weight, bias, targets, grad[:2], 2, True, True, True)
+    with pytest.raises(TypeError, match="grad must have dtype"):
+        cpp.linear_logprobs_bwd(grad.double(), hidden, weight, bias, targets, grad, 2, True, True, True)
+    chosen, rejected, select, coef, margin = _preference_inputs(3, 4, torch.float32, 0, 0)
+    select[1] = False
+    with pytest.raises(ValueError, match="prompt 1 has no selected negative"):
+        cpp.preference_fwd(chosen, rejected, select, coef, margin, 0)
+    with pytest.raises(ValueError, match="agg must be 0"):
+        cpp.preference_fwd(chosen, rejected, select | True, coef, margin, 2)
+    with pytest.raises(TypeError, match="coef must have dtype"):
+        cpp.preference_fwd(chosen, rejected, select | True, coef.double(), margin, 0)
+
+
+def test_empty_and_non_contiguous_inputs():
+    hidden, weight, bias, targets, grad = _problem(8, 6, 31, torch.float32, True, seed=4)
+    logp, lse, expected = cpp.linear_logprobs_fwd(hidden[:0], weight, bias, targets[:0], 4, True)
+    assert logp.shape == (0,) and expected.shape == (0, 6)
+    d = cpp.linear_logprobs_bwd(grad[:0], hidden[:0], weight, bias, targets[:0], lse, 4, True, True, True)
+    assert d[1].shape == weight.shape and (d[1] == 0).all() and (d[2] == 0).all()
+    # strided views (a transposed weight, every other hidden row) give the same numbers as copies
+    weight_t = weight.T.contiguous().T
+    h2 = torch.cat([hidden, hidden])[::2]
+    a = cpp.linear_logprobs_fwd(h2, weight_t, bias, targets, 3, True)
+    b = cpp.linear_logprobs_fwd(h2.contiguous(), weight, bias, targets, 3, True)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_end_to_end_napo_loss_matches_torch_backend():
+    import napo_kernels as nk
+
+    gen = torch.Generator().manual_seed(0)
+    b, c, t, h, v = 3, 4, 5, 16, 97
+    hidden0 = torch.randn(b, c, t, h, generator=gen)
+    weight0 = torch.randn(v, h, generator=gen) / 4
+    labels = torch.randint(0, v, (b, c, t), generator=gen)
+    labels[:, :, :2] = -100  # prompt positions are not scored
+    for trainable in (False, True):
+        out = {}
+        for backend in ("torch", "cpp"):
+            hidden = hidden0.clone().requires_grad_(True)
+            weight = weight0.clone().requires_grad_(trainable)
+            loss = nk.napo_loss(hidden, weight, labels, method="napo", backend=backend, chunk_size=7,
+                                margin_state=nk.DynamicMargin())  # fmt: skip
+            loss.backward()
+            out[backend] = (loss, hidden.grad, weight.grad)
+        torch.testing.assert_close(out["cpp"][0], out["torch"][0])
+        torch.testing.assert_close(out["cpp"][1], out["torch"][1])
+        if trainable:
+            torch.testing.assert_close(out["cpp"][2], out["torch"][2])
