@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,9 @@ from .margin import DynamicMargin
 from .ops.preference import preference_rows
 from .plan import METHODS, Plan, dynamicpo_selection, negative_pool, share_matrix
 from .reference import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 SHARING_MODES = ("own", "all", "similarity")
 
@@ -123,6 +127,7 @@ def preference_loss(
     detach_shared: bool = False,
     backend: str = "auto",
     check_finite: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> PreferenceOutput:
     """The multi-negative preference loss (mean over prompts) from per-sequence scores.
 
@@ -147,11 +152,24 @@ def preference_loss(
         tau: DynamicPO's offset in ``beta_n``.
         detach_shared: reproduce NAPO's released code: shared (not own) negatives get no gradient.
         check_finite: reject NaN/inf scores with an error naming the argument.
+        process_group: share negatives across the ranks of this ``torch.distributed`` group (e.g.
+            ``torch.distributed.group.WORLD``): each rank passes its own prompts and the pool spans
+            the global batch (see :mod:`napo_kernels.distributed` for the loss scale under DDP).
 
     Returns:
         :class:`PreferenceOutput` with ``loss`` (a scalar with gradients to the scores) and metrics.
     """
     global _warned_stateless
+    if process_group is not None:
+        from .distributed import preference_loss_across_ranks  # imports losses: import it late
+
+        return preference_loss_across_ranks(
+            chosen_logps, rejected_logps, negative_mask, ref_chosen_logps, ref_rejected_logps,
+            process_group=process_group, method=method, beta=beta, gamma=gamma, sharing=sharing,
+            user_embeddings=user_embeddings, rho=rho, confidence=confidence, margin_state=margin_state,
+            margin_mode=margin_mode, alpha=alpha, mu=mu, tau=tau, detach_shared=detach_shared,
+            backend=backend, check_finite=check_finite,
+        )  # fmt: skip
     if sharing is None:
         sharing = _default_sharing(method, user_embeddings)
     rejected_logps = _validate(
@@ -284,6 +302,7 @@ def napo_loss(
     backend: str = "auto",
     check_finite: bool = False,
     return_outputs: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor | PreferenceOutput:
     """Fused loss from the policy's last hidden states: sequence log-probs (stage 1) and the
     multi-negative preference loss (stage 2), each with a hand-written backward.
@@ -330,6 +349,7 @@ def napo_loss(
         method=method, beta=beta, gamma=gamma, sharing=sharing, user_embeddings=user_embeddings, rho=rho,
         confidence=confidence, margin_state=margin_state, margin_mode=margin_mode, alpha=alpha, mu=mu,
         tau=tau, detach_shared=detach_shared, backend=backend, check_finite=check_finite,
+        process_group=process_group,
     )  # fmt: skip
     return out if return_outputs else out.loss
 
@@ -359,6 +379,7 @@ class PreferenceLoss(nn.Module):
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         backend: str = "auto",
+        process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -366,6 +387,7 @@ class PreferenceLoss(nn.Module):
         self.method, self.beta, self.gamma, self.sharing, self.rho = method, beta, gamma, sharing, rho
         self.tau, self.detach_shared, self.reduction = tau, detach_shared, reduction
         self.chunk_size, self.memory_budget, self.backend = chunk_size, memory_budget, backend
+        self.process_group = process_group
         self.margin = DynamicMargin(1.0 if gamma is None else gamma, alpha, mu, margin_mode) if method == "napo" else None
 
     def extra_repr(self) -> str:
@@ -375,6 +397,7 @@ class PreferenceLoss(nn.Module):
         return dict(
             method=self.method, beta=self.beta, gamma=self.gamma, sharing=self.sharing, rho=self.rho,
             margin_state=self.margin, tau=self.tau, detach_shared=self.detach_shared, backend=self.backend,
+            process_group=self.process_group,
         )  # fmt: skip
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, **kwargs) -> PreferenceOutput:
