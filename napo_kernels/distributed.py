@@ -280,6 +280,9 @@ def preference_loss_across_ranks(
         if mode == "matrix" and sharing.dim() != 2:
             raise ValueError(f"sharing must be the [G, G] bool share matrix of the global batch, got "
                              f"{list(sharing.shape)}")  # fmt: skip
+        for name, x in (("confidence", confidence), ("user_embeddings", user_embeddings)):
+            if x is not None:  # a device mismatch would only surface after the exchange
+                checks.require_same(name, x, "chosen_logps", chosen_logps, dtype=False)
         if check_finite:
             named = dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
                          ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
@@ -299,7 +302,7 @@ def preference_loss_across_ranks(
             chosen_logps, rejected_logps, ref_chosen_logps, confidence, user_embeddings, method, mode,
             sharing, beta, gamma, rho, tau, detach_shared, state,
         )  # fmt: skip
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # any local failure: re-raised after the exchange, so no rank hangs
         local_error = exc
     table = _exchange(fingerprint, _device_of(chosen_logps, process_group), process_group)
     _check_agreement(table, rank, local_error)

@@ -213,6 +213,11 @@ def _error_cases(world: int) -> list[tuple[str, Callable]]:
             margin.ema.fill_(0.25)  # e.g. a rank restored from another checkpoint
         return call(rank, base(rank), method="napo", margin_state=margin)
 
+    def confidence_differs(rank):
+        inputs = base(rank)
+        confidence = None if rank == last else torch.rand_like(inputs["rejected"]).detach()
+        return call(rank, inputs, method="napo", confidence=confidence, margin_state=nk.DynamicMargin())
+
     def grad_differs(rank):
         return call(rank, base(rank, grad=rank != last))
 
@@ -244,6 +249,7 @@ def _error_cases(world: int) -> list[tuple[str, Callable]]:
         ("method", method_differs),
         ("beta", beta_differs),
         ("margin EMA", ema_differs),
+        ("confidence given", confidence_differs),
         ("rejected_logps requires grad", grad_differs),
         ("negative_mask must have shape", bad_mask_on_one_rank),
         ("empty negative pool", empty_own_pool),
@@ -332,8 +338,10 @@ def _free_port() -> int:
 def _spawn(world: int, spec: dict, tmp_path) -> list[dict]:
     spec_path = str(tmp_path / "spec.pt")
     torch.save(spec, spec_path)
+    # forkserver: torch and the custom-op machinery are imported once in the server, not in every rank
+    mp.set_forkserver_preload(["torch", "torch._dynamo", "napo_kernels", "napo_kernels.distributed"])
     ctx = mp.start_processes(_worker, args=(world, _free_port(), spec_path, str(tmp_path)), nprocs=world,
-                             join=False, start_method="spawn")  # fmt: skip
+                             join=False, start_method="forkserver")  # fmt: skip
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
