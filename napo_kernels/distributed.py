@@ -14,6 +14,7 @@ mean when batches are equal). So the mean over ranks of ``loss_r`` is the single
 ``L = (1/G) sum_i L_i``, each rank's score tensors receive ``W * dL/ds`` (W times the single-process
 gradient of those scores), and the parameter gradient after DDP/FSDP averaging,
 ``(1/W) sum_r grad_r``, is exactly the gradient one process holding the global batch computes.
+(A loop that sums gradients over ranks instead of averaging them should divide the loss by ``W``.)
 
 Collectives per call, all on ``process_group`` (every rank must call with the same options):
 
@@ -26,6 +27,8 @@ Collectives per call, all on ``process_group`` (every rank must call with the sa
 
 With ``sharing="own"`` steps 2 and 3 are skipped (an own pool needs no other rank's negatives: S-DPO,
 DMPO, DynamicPO and DPO then exchange only the fingerprint); only the loss scale uses ``G``.
+What the fingerprint cannot see: a rank that skips ``backward`` or calls the loss a different number
+of times than the others still leaves them waiting (until the process group's timeout).
 """
 
 from __future__ import annotations
