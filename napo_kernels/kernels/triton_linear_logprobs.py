@@ -92,16 +92,15 @@ def _logits_tile(
 
 
 @triton.jit
-def _grad_tile(logits, lse, g, target, rows_ok, cols, col_ok, EXPECTED: tl.constexpr):
-    """``d s / d logits`` scaled by ``g``: ``g (onehot - p)``, or ``p`` itself for ``EXPECTED``;
-    exactly 0 outside the valid rows and columns (so padding never reaches a GEMM as NaN)."""
+def _grad_tile(logits, lse, g, target, cols, EXPECTED: tl.constexpr):
+    """``d s / d logits`` scaled by ``g``: ``g (onehot - p)``, or ``p`` itself for ``EXPECTED``.
+    Exactly 0 in padding: columns have -inf logits, rows are loaded with ``lse = +inf`` and ``g = 0``
+    (``lse = 0`` there would let ``exp(bias)`` overflow into ``inf * 0 = NaN`` in the GEMMs)."""
     p = tl.exp(logits - lse[:, None])
     if EXPECTED:
-        grad = p
-    else:
-        onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
-        grad = g[:, None] * (onehot - p)
-    return tl.where(rows_ok[:, None] & col_ok[None, :], grad, 0.0)
+        return p
+    onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+    return g[:, None] * (onehot - p)
 
 
 @triton.autotune(configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS"])
@@ -148,7 +147,7 @@ def _hidden_kernel(
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
     target = tl.load(t_ptr + rows, mask=row_ok, other=-1)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     v_lo, v_hi = _split_range(V, BLOCK_V)
@@ -161,7 +160,7 @@ def _hidden_kernel(
             h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
             HAS_BIAS, ACC, DOT, PREC, BLOCK_R, BLOCK_V, BLOCK_H,
         )  # fmt: skip
-        grad = _grad_tile(logits, lse, g, target, row_ok, cols, col_ok, EXPECTED).to(DOT)
+        grad = _grad_tile(logits, lse, g, target, cols, EXPECTED).to(DOT)
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
         for k0 in range(0, H, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
@@ -192,14 +191,14 @@ def _weight_kernel(
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < R
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
         target = tl.load(t_ptr + rows, mask=row_ok, other=-1)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         logits = _logits_tile(
             h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
             HAS_BIAS, ACC, DOT, PREC, BLOCK_R, BLOCK_V, BLOCK_H,
         )  # fmt: skip
-        grad = _grad_tile(logits, lse, g, target, row_ok, cols, col_ok, False)
+        grad = _grad_tile(logits, lse, g, target, cols, False)
         if NEED_BIAS:
             col_sum += tl.sum(grad, 0)
         if NEED_WEIGHT:

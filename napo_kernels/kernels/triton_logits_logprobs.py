@@ -74,7 +74,8 @@ def _backward_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     target = tl.load(t_ptr + rows, mask=row_ok, other=-1)
     rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=ok, other=0.0).to(ACC)
+    # padding loads -inf: its softmax is exactly 0, so nothing overflows there
+    x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=ok, other=float("-inf")).to(ACC)
     onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
     grad = g[:, None] * (onehot - tl.exp(x - lse[:, None]))
     out = out_ptr + rows64 * V + cols[None, :]
