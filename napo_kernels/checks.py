@@ -49,8 +49,16 @@ def require_finite(name: str, x: Tensor | None) -> None:
 
 
 def require_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def require_chunk_size(chunk_size: int | None) -> None:
+    # a non-positive chunk would make the kernels' row loops empty and return uninitialised memory
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
 
 
 def require_rho(rho: float) -> None:

@@ -37,6 +37,7 @@ def _flat_layout(
         return labels.reshape(-1), seq, s, out_shape
     checks.require_tensor("sequence_ids", sequence_ids)
     checks.require_int("sequence_ids", sequence_ids)
+    checks.require_same("sequence_ids", sequence_ids, "labels", labels, dtype=False)
     if labels.dim() != 1 or sequence_ids.shape != labels.shape:
         raise ValueError(
             f"packed layout: labels and sequence_ids must both be [N]; got {list(labels.shape)} "
@@ -173,6 +174,7 @@ def sequence_logprobs(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    checks.require_chunk_size(chunk_size)
     if check_finite:
         for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
             checks.require_finite(name, x)
@@ -222,6 +224,7 @@ def sequence_logprobs_from_logits(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    checks.require_chunk_size(chunk_size)
     if check_finite:
         checks.require_finite("logits", logits)
     vocab = logits.shape[-1]

@@ -85,11 +85,13 @@ def _validate(
         raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
     if ref_chosen is not None:
         checks.require_shape("ref_chosen_logps", ref_chosen, (b,))
-        checks.require_shape("ref_rejected_logps", ref_rejected.reshape(b, -1), (b, k))
+        if ref_rejected.numel() != b * k:  # [B, K] or flat [B * K]
+            raise ValueError(f"ref_rejected_logps must be [B={b}, K={k}], got {list(ref_rejected.shape)}")
         checks.require_same("ref_chosen_logps", ref_chosen, "chosen_logps", chosen, dtype=False)
         checks.require_same("ref_rejected_logps", ref_rejected, "chosen_logps", chosen, dtype=False)
     if isinstance(sharing, Tensor):
         checks.require_shape("sharing", sharing, (b, b), "a [B, B] bool share matrix")
+        checks.require_same("sharing", sharing, "chosen_logps", chosen, dtype=False)
     elif sharing not in SHARING_MODES:
         raise ValueError(f"sharing must be one of {SHARING_MODES} or a [B, B] bool tensor, got {sharing!r}")
     if sharing == "similarity":
@@ -97,8 +99,11 @@ def _validate(
             raise ValueError("sharing='similarity' needs user_embeddings [B, D]")
         if user_embeddings.dim() != 2 or user_embeddings.shape[0] != b:
             raise ValueError(f"user_embeddings must be [B={b}, D], got {list(user_embeddings.shape)}")
+        checks.require_same("user_embeddings", user_embeddings, "chosen_logps", chosen, dtype=False)
     if confidence is not None:
-        checks.require_shape("confidence", confidence.reshape(b, -1), (b, k), "one value per negative")
+        if confidence.numel() != b * k:  # [B, K] or flat [B * K]
+            raise ValueError(f"confidence must be [B={b}, K={k}] (one per negative), got {list(confidence.shape)}")
+        checks.require_same("confidence", confidence, "chosen_logps", chosen, dtype=False)
     if method == "dpo" and (k != 1 or (isinstance(sharing, str) and sharing != "own") or isinstance(sharing, Tensor)):
         raise ValueError("method='dpo' compares each positive with exactly one own negative (K = 1, sharing='own'); "
                          "use 's_dpo' or 'napo' for several or shared negatives")
@@ -335,6 +340,7 @@ def napo_loss(
             )
     if ref_logps is not None:
         checks.require_shape("ref_logps", ref_logps, (b, c), "reference score of every candidate")
+        checks.require_same("ref_logps", ref_logps, "hidden", hidden, dtype=False)
     logps = sequence_logprobs(
         hidden, weight, labels, bias,
         sequence_ids=sequence_ids, num_sequences=b * c if sequence_ids is not None else None,
