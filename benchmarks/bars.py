@@ -1,0 +1,114 @@
+"""The issue's acceptance bars, each judged PASS/MISS on the figures of this run.
+
+Every figure is a ratio between contenders measured in the same run on the same inputs. A bar
+whose contenders did not run is reported ``n/a`` with the reason, never passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .report import find
+
+
+@dataclass
+class Bar:
+    name: str
+    target: str
+    measured: float | None
+    passed: bool | None  # None: could not be judged
+    detail: str = ""
+
+    def line(self) -> str:
+        verdict = {True: "PASS", False: "MISS", None: "n/a "}[self.passed]
+        fig = "-" if self.measured is None else f"{self.measured:.2f}x"
+        detail = f"  {self.detail}" if self.detail else ""
+        return f"{verdict}  {self.name:58s} {fig:>9s}  (bar: {self.target}){detail}"
+
+
+def _at_least(name: str, num: dict | None, den: dict | None, key: str, bar: float, what: str) -> Bar:
+    """``num[key] / den[key] >= bar``."""
+    if num is None or den is None or num.get(key) is None or not den.get(key):
+        missing = [r for r, v in (("contender", num), ("napo-kernels", den)) if v is None]
+        return Bar(name, f">= {bar:g}x {what}", None, None, f"not measured ({', '.join(missing) or key})")
+    value = num[key] / den[key]
+    return Bar(name, f">= {bar:g}x {what}", value, value >= bar)
+
+
+def _at_most(name: str, num: dict | None, den: dict | None, key: str, bar: float, what: str) -> Bar:
+    """``num[key] / den[key] <= bar``."""
+    if num is None or den is None or num.get(key) is None or not den.get(key):
+        return Bar(name, f"<= {bar:g}x {what}", None, None, "not measured")
+    value = num[key] / den[key]
+    return Bar(name, f"<= {bar:g}x {what}", value, value <= bar)
+
+
+def judge(tables: list[dict], pool: dict | None) -> list[Bar]:
+    """``tables``: the rec/dense results (``case``, ``variant``, ``napo``, ``rows``); ``pool``: the
+    pool-sharing measurement (``own`` and ``all`` rows) or None."""
+    bars: list[Bar] = []
+    for t in tables:
+        rows, v, case = t["rows"], t["variant"], t["case"]
+        napo = find(rows, t["napo"]) if t["napo"] else None
+        plain, sliced, bare = find(rows, "plain"), find(rows, "sliced"), find(rows, "bare")
+        tag = f"{case} {v}:"
+        if case == "rec":
+            bars.append(
+                _at_least(
+                    f"{tag} plain / napo peak extra memory", plain, napo, "peak_bytes", 20, "less memory"
+                )
+            )
+            bars.append(_at_least(f"{tag} plain / napo time", plain, napo, "median_s", 5, "less time"))
+            slack = 1.0 if v == "frozen" else 1.4
+            bars.append(_at_most(f"{tag} napo / sliced time", napo, sliced, "median_s", slack, "sliced time"))
+            bars.append(
+                _at_least(
+                    f"{tag} sliced / napo peak extra memory", sliced, napo, "peak_bytes", 5, "less memory"
+                )
+            )
+            if v == "frozen":
+                bars.append(
+                    _at_most(f"{tag} napo / bare-GEMM limit", napo, bare, "median_s", 1.3, "the limit")
+                )
+        elif case == "dense":
+            others = [
+                r
+                for r in rows
+                if r["status"] == "ok"
+                and r["contender"] not in ("bare",)
+                and not r["contender"].startswith("napo-")
+            ]
+            fastest = min(others, key=lambda r: r["median_s"], default=None)
+            slack = 1.1 if v == "frozen" else 1.4
+            b = _at_most(
+                f"{tag} napo / fastest other contender time", napo, fastest, "median_s", slack, "fastest"
+            )
+            if fastest is not None:
+                b.detail = f"fastest: {fastest['label']}"
+            bars.append(b)
+            bars.append(
+                _at_least(
+                    f"{tag} Liger / napo peak extra memory",
+                    find(rows, "liger"),
+                    napo,
+                    "peak_bytes",
+                    4,
+                    "less memory",
+                )
+            )
+            bars.append(
+                _at_least(
+                    f"{tag} plain / napo peak extra memory", plain, napo, "peak_bytes", 10, "less memory"
+                )
+            )
+            limit = 1.2 if v == "frozen" else 1.5
+            bars.append(_at_most(f"{tag} napo / bare-GEMM limit", napo, bare, "median_s", limit, "the limit"))
+    if pool is not None:
+        own, all_ = pool["own"], pool["all"]
+        name = f"pool {own['pool']} -> {all_['pool']} negatives/prompt ({pool['variant']}): time all / own"
+        bars.append(_at_most(name, all_["row"], own["row"], "median_s", 1.05, "own-pool time"))
+    return bars
+
+
+def as_dicts(bars: list[Bar]) -> list[dict]:
+    return [asdict(b) for b in bars]
