@@ -24,7 +24,7 @@ def extensions():
     with_cuda = flag == "1" or (flag is None and torch.version.cuda is not None and CUDA_HOME is not None)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-std=c++17", *openmp]
+    cxx = ["-O3", "-std=c++20", *openmp]  # the standard the torch headers are written for
     kwargs = dict(
         name="napo_kernels._C",
         sources=sources,
@@ -34,7 +34,8 @@ def extensions():
         py_limited_api=False,
     )
     if with_cuda:
-        kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
+        # .cu: kernels with no torch headers; csrc/cuda/*.cpp: their tensor-side wrappers (CUDA build only)
+        kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "-DNAPO_WITH_CUDA"]
         ext = CUDAExtension(**kwargs)
     else:

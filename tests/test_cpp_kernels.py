@@ -259,6 +259,20 @@ def test_huge_logits_do_not_overflow(dtype):
     truth = reference.sequence_scores_from_logits(logits.double()[:, None], targets[:, None])
     assert torch.isfinite(logp).all() and torch.isfinite(lse).all()
     assert _err(logp, truth) <= 1e-6 * 1e4
+    # the row maximum in a later part of a long row (the kernels merge partial sums of pieces of a row)
+    logits = torch.randn(3, 2500, generator=gen, dtype=torch.float64).to(dtype)
+    logits[0, 2100], logits[1, 1500], logits[2, 10] = 1e4, -1e4, 3e3
+    logp, lse = cpp.logits_logprobs_fwd(logits, targets[:3], 1)
+    truth = reference.sequence_scores_from_logits(logits.double()[:, None], targets[:3, None])
+    assert torch.isfinite(lse).all() and _err(logp, truth) <= 1e-6 * 1e4
+    # stage 2: terms far apart (exp of their spread overflows), in increasing order
+    chosen = torch.zeros(2, dtype=dtype)
+    rejected = torch.tensor([0.0, 300.0, 900.0, 1200.0], dtype=dtype)
+    ones = torch.ones(2, 4, dtype=dtype)
+    rows, weights = cpp.preference_fwd(chosen, rejected, ones.bool(), ones, ones * 0, 0)
+    twin_rows, twin_weights = torch_chunked.preference_fwd(chosen, rejected, ones.bool(), ones, ones * 0, 0)
+    torch.testing.assert_close(rows, twin_rows)
+    torch.testing.assert_close(weights, twin_weights)
     # the same through the fused linear path: logits ~ 1e4 from hidden @ W^T
     hidden, weight, bias, targets, grad = _problem(9, 8, 101, dtype, True, seed=2, scale=3e3)
     logp, lse, expected = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 4, True)
@@ -286,6 +300,15 @@ def test_masked_vocabulary_and_nan_rows():
     d = cpp.logits_logprobs_bwd(grad, logits, targets, lse, 1)
     assert torch.allclose(d[ok], torch_chunked.logits_logprobs_bwd(grad, logits, targets, lse, 1)[ok])
     assert (d[ok][:, 5:40] == 0).all()
+    # a whole -inf stretch longer than the kernel's row block (1024) and an entirely masked row
+    logits = torch.randn(3, 2600, dtype=torch.float64)
+    logits[:, 700:2300] = float("-inf")
+    logits[1] = float("-inf")
+    targets = torch.tensor([3, 5, 2500])
+    logp, lse = cpp.logits_logprobs_fwd(logits, targets, 1)
+    twin_logp, twin_lse = torch_chunked.logits_logprobs_fwd(logits, targets, 1)
+    torch.testing.assert_close(logp[[0, 2]], twin_logp[[0, 2]])
+    assert lse[1] == float("-inf") and torch.isnan(logp[1])  # log(0/0): no distribution to score
 
 
 # ---------------------------------------------------------------------------------------------

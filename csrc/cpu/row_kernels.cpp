@@ -46,7 +46,7 @@ LsePair<Acc> block_lse(const T* x, int64_t n) {
     const Acc v = load<Acc>(x[j]);
     m = (v > m || v != v) ? v : m;
   }
-  if (m == neg_inf<Acc>()) return lse_empty<Acc>();  // all -inf: the block adds nothing
+  if (m == neg_inf<Acc>()) return lse_empty<Acc>();  // all -inf: adds nothing, skip the exp sum
   Acc lane_sum[kLanes] = {};
   j = 0;
   for (; j + kLanes <= n; j += kLanes)

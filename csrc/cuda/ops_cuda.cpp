@@ -1,0 +1,97 @@
+// CUDA implementations of the napo_C ops (compiled only in a CUDA build): the shared chunk loop
+// (chunked_linear.h, GEMMs through ATen/cuBLAS) with the fused row passes of row_kernels.cu, and
+// stage 2 from preference.cu. This file wraps tensors; the .cu files see raw pointers only.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "chunked_linear.h"
+#include "cuda/launchers.h"
+
+namespace napo {
+namespace {
+
+cuda::DType device_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kDouble:
+      return cuda::DType::kFloat64;
+    default:
+      break;
+  }
+  TORCH_CHECK_TYPE(false, "napo_C: unsupported dtype ", t);
+}
+
+void* current_stream(const at::Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+
+void check_launch(const char* error, const char* kernel) {
+  TORCH_CHECK(error == nullptr, "napo_C: CUDA kernel ", kernel, " failed to launch: ", error);
+}
+
+struct CudaPasses {
+  // No host-side scan (it would synchronise): the forward kernel writes logp = NaN for a row whose
+  // target is outside [0, V), and the backward gives such a row no one-hot term.
+  static void check_targets(const at::Tensor&, int64_t) {}
+
+  static void logprob_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
+                           at::Tensor logp, at::Tensor lse) {
+    const c10::cuda::CUDAGuard guard(logits.device());
+    check_launch(cuda::logprob_rows(device_dtype(logits.scalar_type()), logits.const_data_ptr(),
+                                    probs.defined() ? probs.mutable_data_ptr() : nullptr, logits.size(0),
+                                    logits.size(1), targets.const_data_ptr<int64_t>(), logp.mutable_data_ptr(),
+                                    lse.mutable_data_ptr(), current_stream(logits)),
+                 "logprob_rows");
+  }
+
+  static void logit_grad_rows(const at::Tensor& in, const at::Tensor& out, const at::Tensor& targets,
+                              const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& d_bias) {
+    const c10::cuda::CUDAGuard guard(in.device());
+    at::Tensor scratch;
+    if (d_bias.defined())  // per-group column sums, reduced in a fixed order by the second kernel
+      scratch = at::empty({cuda::bias_scratch_groups(in.size(0)), in.size(1)}, d_bias.options());
+    check_launch(cuda::logit_grad_rows(device_dtype(in.scalar_type()), in.const_data_ptr(), out.mutable_data_ptr(),
+                                       in.size(0), in.size(1), targets.const_data_ptr<int64_t>(),
+                                       grad.const_data_ptr(), lse.const_data_ptr(),
+                                       d_bias.defined() ? d_bias.mutable_data_ptr() : nullptr,
+                                       scratch.defined() ? scratch.mutable_data_ptr() : nullptr,
+                                       current_stream(in)),
+                 "logit_grad_rows");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, const at::Tensor& rejected_in,
+                                                  const at::Tensor& select_in, const at::Tensor& coef_in,
+                                                  const at::Tensor& margin_in, int64_t agg) {
+  check_preference(chosen_in, rejected_in, select_in, coef_in, margin_in, agg);
+  const c10::cuda::CUDAGuard guard(chosen_in.device());
+  const at::Tensor chosen = chosen_in.contiguous(), rejected = rejected_in.contiguous();
+  const at::Tensor select = select_in.contiguous(), coef = coef_in.contiguous(), margin = margin_in.contiguous();
+  const int64_t batch = chosen.size(0), pool = rejected.size(0);
+  at::Tensor rows = at::empty({batch}, chosen.options());
+  at::Tensor weights = at::empty({batch, pool}, chosen.options());
+  check_launch(cuda::preference_rows(chosen.scalar_type() == at::kDouble, chosen.const_data_ptr(),
+                                     rejected.const_data_ptr(), select.const_data_ptr<bool>(), coef.const_data_ptr(),
+                                     margin.const_data_ptr(), batch, pool, static_cast<int>(agg),
+                                     rows.mutable_data_ptr(), weights.mutable_data_ptr(), current_stream(chosen)),
+               "preference_rows");
+  return {rows, weights};
+}
+
+}  // namespace
+}  // namespace napo
+
+TORCH_LIBRARY_IMPL(napo_C, CUDA, m) {
+  m.impl("linear_logprobs_fwd", &napo::linear_logprobs_fwd<napo::CudaPasses>);
+  m.impl("linear_logprobs_bwd", &napo::linear_logprobs_bwd<napo::CudaPasses>);
+  m.impl("logits_logprobs_fwd", &napo::logits_logprobs_fwd<napo::CudaPasses>);
+  m.impl("logits_logprobs_bwd", &napo::logits_logprobs_bwd<napo::CudaPasses>);
+  m.impl("preference_fwd", &napo::preference_fwd);
+}

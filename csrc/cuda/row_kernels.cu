@@ -1,0 +1,153 @@
+// Stage-1 CUDA kernels: the fused per-row passes over a logits chunk (the GEMMs run in ATen/cuBLAS,
+// csrc/chunked_linear.h). No torch headers: compiled by nvcc alone (see `make check-cuda`).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "cuda/block_reduce.cuh"
+#include "cuda/launchers.h"
+#include "napo_math.h"
+
+namespace napo::cuda {
+namespace {
+
+constexpr int kRowThreads = 256;
+constexpr int kColThreads = 256;
+constexpr int64_t kRowsPerGroup = 32;  // rows one thread walks down its column in the backward
+constexpr int64_t kMaxGridY = 65535;
+
+// One block per row: online (max, sum-exp) per thread, merged across the block, then the target
+// logit and, optionally, the softmax written over the row.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    logprob_rows_kernel(const T* logits, T* probs, int64_t vocab, const int64_t* targets,
+                        typename Io<T>::Acc* logp, typename Io<T>::Acc* lse) {
+  using Acc = typename Io<T>::Acc;
+  const int64_t r = blockIdx.x;
+  const T* x = logits + r * vocab;
+  LsePair<Acc> p = lse_empty<Acc>();
+  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) p = lse_push(p, Io<T>::load(x[v]));
+  const Acc row_lse = lse_value(block_lse(p));
+  if (threadIdx.x == 0) {
+    const int64_t y = targets[r];
+    lse[r] = row_lse;
+    logp[r] = (y >= 0 && y < vocab) ? Io<T>::load(x[y]) - row_lse : static_cast<Acc>(NAN);
+  }
+  if (probs != nullptr) {
+    __syncthreads();  // thread 0 has read x[y] before the row is overwritten in place
+    T* out = probs + r * vocab;
+    for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x)
+      out[v] = Io<T>::store(softmax_prob(Io<T>::load(x[v]), row_lse));
+  }
+}
+
+// Thread per (column, group of rows): writes grad_r * (onehot - softmax) down its column and,
+// when asked, the group's column sum into scratch[group, column] (summed by bias_sum_kernel).
+template <typename T>
+__global__ void __launch_bounds__(kColThreads)
+    logit_grad_kernel(const T* in, T* out, int64_t rows, int64_t vocab, int64_t rows_per_group,
+                      const int64_t* targets, const typename Io<T>::Acc* grad, const typename Io<T>::Acc* lse,
+                      typename Io<T>::Acc* scratch) {
+  using Acc = typename Io<T>::Acc;
+  const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v >= vocab) return;
+  const int64_t lo = blockIdx.y * rows_per_group;
+  const int64_t hi = lo + rows_per_group < rows ? lo + rows_per_group : rows;
+  Acc column = 0;
+  for (int64_t r = lo; r < hi; ++r) {
+    const int64_t i = r * vocab + v;
+    const Acc d = logit_grad(grad[r], targets[r] == v, Io<T>::load(in[i]), lse[r]);
+    out[i] = Io<T>::store(d);
+    column += d;
+  }
+  if (scratch != nullptr) scratch[blockIdx.y * vocab + v] = column;
+}
+
+template <typename Acc>
+__global__ void bias_sum_kernel(const Acc* scratch, int64_t groups, int64_t vocab, Acc* d_bias) {
+  const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v >= vocab) return;
+  Acc total = 0;
+  for (int64_t g = 0; g < groups; ++g) total += scratch[g * vocab + v];
+  d_bias[v] += total;
+}
+
+const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+int64_t rows_per_group(int64_t rows) {
+  return std::max(kRowsPerGroup, (rows + kMaxGridY - 1) / kMaxGridY);
+}
+
+template <typename T>
+const char* launch_logprob(const void* logits, void* probs, int64_t rows, int64_t vocab, const int64_t* targets,
+                           void* logp, void* lse, cudaStream_t stream) {
+  using Acc = typename Io<T>::Acc;
+  if (rows == 0) return nullptr;
+  logprob_rows_kernel<T><<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
+      static_cast<const T*>(logits), static_cast<T*>(probs), vocab, targets, static_cast<Acc*>(logp),
+      static_cast<Acc*>(lse));
+  return last_error();
+}
+
+template <typename T>
+const char* launch_logit_grad(const void* in, void* out, int64_t rows, int64_t vocab, const int64_t* targets,
+                              const void* grad, const void* lse, void* d_bias, void* scratch, cudaStream_t stream) {
+  using Acc = typename Io<T>::Acc;
+  if (rows == 0 || vocab == 0) return nullptr;
+  const int64_t per_group = rows_per_group(rows);
+  const int64_t groups = (rows + per_group - 1) / per_group;
+  const dim3 grid(static_cast<unsigned>((vocab + kColThreads - 1) / kColThreads), static_cast<unsigned>(groups));
+  logit_grad_kernel<T><<<grid, kColThreads, 0, stream>>>(
+      static_cast<const T*>(in), static_cast<T*>(out), rows, vocab, per_group, targets, static_cast<const Acc*>(grad),
+      static_cast<const Acc*>(lse), d_bias != nullptr ? static_cast<Acc*>(scratch) : nullptr);
+  if (d_bias != nullptr) {
+    bias_sum_kernel<Acc><<<grid.x, kColThreads, 0, stream>>>(static_cast<const Acc*>(scratch), groups, vocab,
+                                                              static_cast<Acc*>(d_bias));
+  }
+  return last_error();
+}
+
+}  // namespace
+
+int64_t bias_scratch_groups(int64_t rows) {
+  const int64_t per_group = rows_per_group(rows);
+  return (rows + per_group - 1) / per_group;
+}
+
+const char* logprob_rows(DType dtype, const void* logits, void* probs, int64_t rows, int64_t vocab,
+                         const int64_t* targets, void* logp, void* lse, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat16:
+      return launch_logprob<__half>(logits, probs, rows, vocab, targets, logp, lse, s);
+    case DType::kBFloat16:
+      return launch_logprob<__nv_bfloat16>(logits, probs, rows, vocab, targets, logp, lse, s);
+    case DType::kFloat32:
+      return launch_logprob<float>(logits, probs, rows, vocab, targets, logp, lse, s);
+    case DType::kFloat64:
+      return launch_logprob<double>(logits, probs, rows, vocab, targets, logp, lse, s);
+  }
+  return "napo_C: unsupported dtype";
+}
+
+const char* logit_grad_rows(DType dtype, const void* in, void* out, int64_t rows, int64_t vocab,
+                            const int64_t* targets, const void* grad, const void* lse, void* d_bias,
+                            void* scratch, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat16:
+      return launch_logit_grad<__half>(in, out, rows, vocab, targets, grad, lse, d_bias, scratch, s);
+    case DType::kBFloat16:
+      return launch_logit_grad<__nv_bfloat16>(in, out, rows, vocab, targets, grad, lse, d_bias, scratch, s);
+    case DType::kFloat32:
+      return launch_logit_grad<float>(in, out, rows, vocab, targets, grad, lse, d_bias, scratch, s);
+    case DType::kFloat64:
+      return launch_logit_grad<double>(in, out, rows, vocab, targets, grad, lse, d_bias, scratch, s);
+  }
+  return "napo_C: unsupported dtype";
+}
+
+}  // namespace napo::cuda
