@@ -60,7 +60,9 @@ class DynamicMargin(nn.Module):
         m_t = total[0] / total[1]
         ema = self.mu * self.ema.to(pool.device) + (1.0 - self.mu) * m_t
         if update and self.training:
-            self.ema.copy_(ema)
+            # item assignment, not copy_: torch.compile (2.13, aot_eager/inductor) drops a copy_ into a
+            # 0-dim float64 buffer, so the EMA silently stayed at 0 in compiled training loops
+            self.ema[()] = ema
             self.steps.add_(1)
         if self.mode == "batch":
             margin = (self.gamma0 * (1.0 - self.alpha * (m_t - ema))).expand(pool.shape)
