@@ -1,0 +1,278 @@
+"""Hugging Face ``transformers.Trainer`` integration: an SFT stage and a preference stage that
+run one packed forward per prompt (:mod:`napo_kernels.packing`), take the model body's last hidden
+states and the ``lm_head`` weight (full logits are never computed), and call the fused loss.
+
+* :class:`RecommenderSFTTrainer`: token-mean negative log-likelihood of the positive answer
+  (prompt tokens are not scored), through the same fused log-prob op.
+* :class:`PreferenceTrainer`: any method of the family (``dpo``, ``s_dpo``, ``dmpo``, ``napo``,
+  ``dynamicpo``) via :class:`napo_kernels.PreferenceLoss`. Reference scores come from the same
+  model with its LoRA adapters disabled (``peft``), from a separate frozen ``ref_model`` (full
+  fine-tuning), or are omitted (``reference="none"``, NAPO's released setting). NAPO's margin EMA
+  is saved into every checkpoint (``napo_loss_state.pt``) and restored on resume. User embeddings
+  for NAPO's similarity sharing are the mean, over the history's items, of each item title's mean
+  input-token embedding (detached).
+
+Both run single-process (CPU or one GPU): the model body is called directly, outside any
+DistributedDataParallel wrapper.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .losses import PreferenceLoss
+from .packing import CandidateCollator, candidate_logps, candidate_rows, causal_lm_parts, resolve_layout
+from .plan import METHODS
+
+LOSS_STATE_NAME = "napo_loss_state.pt"
+REFERENCES = ("auto", "adapters", "model", "none")
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+class _EpochCallback(TrainerCallback):
+    """Tells the training dataset the epoch, so that it resamples its negatives."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        ds = self.trainer.train_dataset
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(int(state.epoch or 0))
+
+
+class _CandidateTrainer(Trainer):
+    """Shared plumbing: layout choice, the collator, metric buffering and a loss-only eval step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments | None = None,
+        *,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        layout: str = "auto",
+        max_prompt_length: int | None = None,
+        backend: str = "auto",
+        **kwargs,
+    ) -> None:
+        if args is None:
+            args = TrainingArguments(output_dir="runs/trainer", report_to="none")
+        args.remove_unused_columns = False  # the collator needs the raw text features
+        self.layout = resolve_layout(model, layout)
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError(
+                    "processing_class: a tokenizer is needed to build the default CandidateCollator"
+                )
+            data_collator = CandidateCollator(processing_class, self.layout, max_prompt_length)
+        elif isinstance(data_collator, CandidateCollator):
+            data_collator.layout = self.layout
+        self.backend = backend
+        self._buffered: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self.add_callback(_EpochCallback(self))
+
+    def _core(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def _store(self, metrics: dict[str, Tensor | float], training: bool) -> None:
+        split = self._buffered["train" if training else "eval"]
+        for k, v in metrics.items():
+            split[k].append(float(v))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for k, values in self._buffered[split].items():
+            if values:
+                logs[prefix + k] = sum(values) / len(values)
+        self._buffered[split].clear()
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+class RecommenderSFTTrainer(_CandidateTrainer):
+    """Supervised fine-tuning on the positive answer (candidate 0) with prompt tokens masked.
+
+    The loss is the mean negative log-likelihood per answer token of the batch. Use a dataset
+    with no negatives (``RecPreferenceDataset(..., num_negatives=0)``): other candidates would be
+    scored for nothing.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        core = self._core(model)
+        logps = candidate_logps(core, inputs, reduction="sum", backend=self.backend)
+        tokens = inputs["candidate_lengths"][:, 0].sum()
+        loss = -logps[:, 0].sum() / tokens
+        self._store({"sft/nll_per_token": loss.detach(), "sft/answer_tokens": tokens}, core.training)
+        return (loss, {"logps": logps}) if return_outputs else loss
+
+
+class PreferenceTrainer(_CandidateTrainer):
+    """Preference training with a loss of the family on packed candidates.
+
+    Args:
+        model: a ``*ForCausalLM`` or a ``peft`` model around one.
+        method, beta, gamma, loss_kwargs: build the :class:`PreferenceLoss` (ignored if ``loss``
+            is given). ``loss_kwargs`` are its other options (``rho``, ``alpha``, ``mu``,
+            ``tau``, ``sharing``, ``margin_mode``, ``detach_shared``, ...).
+        reference: ``"auto"`` (adapters disabled for a peft model, ``ref_model`` if given, else a
+            frozen copy of the initial model), ``"adapters"``, ``"model"`` or ``"none"``
+            (reference-free rewards ``r = s_theta``).
+        user_embeddings: ``"history"`` (default for NAPO: the mean title embedding of the history,
+            used by ``sharing="similarity"``) or ``None``.
+        sft_weight: add ``sft_weight *`` the positive's mean token NLL (DMPO's released code uses 1.0).
+        reduction: ``"sum"`` (sequence scores, what the papers use) or ``"mean"`` (length-normalised).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments | None = None,
+        *,
+        method: str = "napo",
+        beta: float = 1.0,
+        gamma: float | None = None,
+        loss: PreferenceLoss | None = None,
+        loss_kwargs: dict | None = None,
+        ref_model: nn.Module | None = None,
+        reference: str = "auto",
+        user_embeddings: str | None = "history",
+        sft_weight: float = 0.0,
+        reduction: str = "sum",
+        backend: str = "auto",
+        **kwargs,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+        if user_embeddings not in ("history", None):
+            raise ValueError(f"user_embeddings must be 'history' or None, got {user_embeddings!r}")
+        if sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
+        if reference == "auto":
+            reference = "adapters" if _is_peft(model) else "model"
+        if reference == "adapters" and not _is_peft(model):
+            raise ValueError("reference='adapters' needs a peft model (adapters to disable)")
+        if reference == "model" and ref_model is None:
+            ref_model = copy.deepcopy(model)  # the frozen starting point, as DPO does for full fine-tuning
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+        self.reference, self.ref_model = reference, ref_model if reference == "model" else None
+        self.criterion = loss or PreferenceLoss(
+            method, beta=beta, gamma=gamma, reduction=reduction, backend=backend, **(loss_kwargs or {})
+        )
+        self.user_embedding_source = user_embeddings if self.criterion.method == "napo" else None
+        self.sft_weight = float(sft_weight)
+        super().__init__(model, args, backend=backend, **kwargs)
+        self.criterion.to(self.args.device)
+        if self.ref_model is not None:
+            self.ref_model.to(self.args.device)
+
+    # -- pieces of a step -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reference_logps(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor | None:
+        """``[B, C]`` reference scores, or None when reference-free."""
+        red = self.criterion.reduction
+        if self.reference == "none":
+            return None
+        if self.reference == "adapters":
+            with model.disable_adapter():
+                return candidate_logps(model, inputs, reduction=red, backend=self.backend)
+        return candidate_logps(self.ref_model, inputs, reduction=red, backend=self.backend)
+
+    @torch.no_grad()
+    def user_embeddings(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor | None:
+        """``[B, H]`` mean history-item embeddings (see :class:`CandidateCollator`), or None."""
+        if self.user_embedding_source is None or "history_ids" not in inputs:
+            return None
+        emb = model.get_input_embeddings().weight.detach()
+        w = inputs["history_weights"].to(emb.dtype)
+        return (emb[inputs["history_ids"]] * w[..., None]).sum(1).float()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        core = self._core(model)
+        b, c = inputs["candidate_mask"].shape
+        if c < 2:
+            raise ValueError(
+                "preference training needs negatives: the batch has C = 1 candidate per prompt "
+                "(build the dataset with num_negatives >= 1)"
+            )
+        self.criterion.train(core.training)  # the margin EMA moves on training steps only
+        ref = self.reference_logps(core, inputs)
+        users = self.user_embeddings(core, inputs)
+        rows = candidate_rows(core, inputs)
+        _, head = causal_lm_parts(core)
+        out = self.criterion(
+            rows,
+            head.weight,
+            inputs["score_labels"],
+            bias=getattr(head, "bias", None),
+            sequence_ids=inputs["score_sequence"],
+            num_prompts=b,
+            num_candidates=c,
+            candidate_mask=inputs["candidate_mask"],
+            ref_logps=ref,
+            user_embeddings=users,
+        )
+        loss = out.loss
+        metrics = {k: v for k, v in out.metrics.items() if k != "loss"}
+        if self.sft_weight:
+            chosen = out.chosen_logps.float()
+            if self.criterion.reduction == "sum":
+                chosen = chosen / inputs["candidate_lengths"][:, 0].to(chosen.dtype)
+            nll = -chosen.mean()
+            loss = loss + self.sft_weight * nll
+            metrics["sft/nll_per_token"] = nll.detach()
+        metrics["loss/preference"] = out.loss.detach()
+        self._store(metrics, core.training)
+        return (loss, out) if return_outputs else loss
+
+    # -- checkpoints carry the loss state (NAPO's margin EMA) -------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        torch.save(self.criterion.state_dict(), os.path.join(output_dir, LOSS_STATE_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.load_loss_state(resume_from_checkpoint)
+
+    def load_loss_state(self, checkpoint_dir: str) -> bool:
+        """Restore the loss state saved in ``checkpoint_dir``; False when the file is absent."""
+        path = os.path.join(checkpoint_dir, LOSS_STATE_NAME)
+        if not os.path.exists(path):
+            return False
+        self.criterion.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+        return True
