@@ -311,6 +311,48 @@ def test_masked_vocabulary_and_nan_rows():
     assert lse[1] == float("-inf") and torch.isnan(logp[1])  # log(0/0): no distribution to score
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_instruction_set(isa, monkeypatch):
+    """The CPU row loops are compiled per instruction set and picked at run time; the environment
+    variable caps the choice, so each variant is checked here (a cap the CPU lacks falls back)."""
+    monkeypatch.setenv("NAPO_KERNELS_CPU_ISA", isa)
+    for dtype in FLOATS:
+        hidden, weight, bias, targets, grad = _problem(21, 13, 1111, dtype, True, seed=8, scale=4.0)
+        got = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 8, True)
+        twin = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, 8, True)
+        for g, t in zip(got[:2], twin[:2]):
+            _close_twin(g, t, dtype, TWIN_TOL[dtype])
+        _close_twin(got[2], twin[2], dtype, GRAD_TWIN_RTOL[dtype])
+        args = (grad, hidden, weight, bias, targets, twin[1], 8, True, True, True)
+        for g, t in zip(cpp.linear_logprobs_bwd(*args), torch_chunked.linear_logprobs_bwd(*args)):
+            _close_twin(g, t, dtype, GRAD_TWIN_RTOL[dtype])
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_softmax_accuracy_within_a_few_ulps(isa, monkeypatch):
+    """Rows [0, t] through an identity projection: the frozen-head output is the softmax itself, so
+    its error is that of the kernels' exp and log-sum-exp (a vectorised exp on the CPU)."""
+    monkeypatch.setenv("NAPO_KERNELS_CPU_ISA", isa)
+    t = torch.cat([torch.linspace(-103.0, 0.0, 5001), torch.linspace(-1.0, 1.0, 999)])
+    hidden = torch.stack([torch.zeros_like(t), t], 1)
+    targets = torch.ones_like(t, dtype=torch.long)
+    logp, lse, probs = cpp.linear_logprobs_fwd(hidden, torch.eye(2), None, targets, 64, True)
+    x = hidden.double()
+    truth = torch.softmax(x, 1)
+    assert probs.dtype == torch.float32
+
+    def rel(p):  # relative error per element (absolute below the smallest normal float)
+        return (p.double() - truth).abs() / truth.clamp(min=torch.finfo(torch.float32).tiny)
+
+    # elementwise no worse than the torch backend's float32 exp(x - lse) plus 2 ulps (both inherit the
+    # rounding of x - lse, up to |x| ulps / 2: that part is the formula's, not the exp's)
+    twin = torch_chunked.linear_logprobs_fwd(hidden, torch.eye(2), None, targets, 64, True)[2]
+    eps = torch.finfo(torch.float32).eps
+    assert (rel(probs) <= rel(twin) + 2 * eps).all(), (rel(probs) - rel(twin)).max() / eps
+    torch.testing.assert_close(logp.double(), torch.log_softmax(x, 1)[:, 1], rtol=4e-7, atol=2e-7)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(x, 1), rtol=4e-7, atol=2e-7)
+
+
 # ---------------------------------------------------------------------------------------------
 # Determinism: the same input gives the same bits, whatever the number of threads of the row passes
 # ---------------------------------------------------------------------------------------------

@@ -1,115 +1,108 @@
-// CPU fused passes: OpenMP over rows (forward, stage 2) or over column blocks (backward). Every
-// output element is produced by one thread in a fixed order, so results do not depend on the
-// thread count or scheduling.
+// CPU fused passes: the ISA-specific row loops of row_passes.inc, dispatched at run time, and stage 2.
 #include "cpu/row_kernels.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "napo_math.h"
+
+#define NAPO_CPU_ISA generic
+#include "cpu/row_passes.inc"
+#undef NAPO_CPU_ISA
+
+// GCC on x86-64: the same loops again for AVX2 and AVX-512 (16 floats per instruction: the
+// vectorised exp makes the exp-bound passes several times faster than with libm's expf).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define NAPO_CPU_X86_CLONES 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define NAPO_CPU_ISA avx2
+#include "cpu/row_passes.inc"
+#undef NAPO_CPU_ISA
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+#define NAPO_CPU_ISA avx512
+#include "cpu/row_passes.inc"
+#undef NAPO_CPU_ISA
+#pragma GCC pop_options
+#endif
 
 namespace napo::cpu {
 namespace {
 
-// Fixed-width lanes: the inner loops have no cross-iteration dependency inside a lane group, so
-// the compiler can vectorise them without reassociating floating-point sums (no -ffast-math).
-constexpr int64_t kLanes = 16;
-// Elements per partial of the row log-sum-exp (the block is re-read from L1 for the exp sum).
-constexpr int64_t kRowBlock = 1024;
-// Columns per task of the backward pass (rows inner: each column is owned by one thread).
-constexpr int64_t kColBlock = 512;
-// Below this many elements a pass runs on one thread (thread start-up would dominate).
-constexpr int64_t kParallelMin = 1 << 15;
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 
-template <typename Acc, typename T>
-inline Acc load(T x) {
-  return static_cast<Acc>(x);
+Isa widest_supported() {
+#ifdef NAPO_CPU_X86_CLONES
+  static const Isa widest = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kGeneric;
+  }();
+  return widest;
+#else
+  return Isa::kGeneric;
+#endif
 }
 
-// (max, sum-exp) of one block of a row: max first, then the exp sum relative to it.
-template <typename T, typename Acc>
-LsePair<Acc> block_lse(const T* x, int64_t n) {
-  Acc lane_max[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = neg_inf<Acc>();
-  // NaN wins the max (v != v), so it reaches the exp sum and the row's lse is NaN, never finite.
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const Acc v = load<Acc>(x[j + l]);
-      lane_max[l] = (v > lane_max[l] || v != v) ? v : lane_max[l];
-    }
-  Acc m = neg_inf<Acc>();
-  for (int64_t l = 0; l < kLanes; ++l) m = (lane_max[l] > m || lane_max[l] != lane_max[l]) ? lane_max[l] : m;
-  for (; j < n; ++j) {
-    const Acc v = load<Acc>(x[j]);
-    m = (v > m || v != v) ? v : m;
+// NAPO_KERNELS_CPU_ISA=generic|avx2|avx512 caps the instruction set (the tests run every path);
+// a cap above what the CPU supports is lowered to what it supports.
+Isa active_isa() {
+  Isa want = Isa::kAvx512;
+  if (const char* env = std::getenv("NAPO_KERNELS_CPU_ISA")) {
+    if (std::strcmp(env, "generic") == 0) want = Isa::kGeneric;
+    if (std::strcmp(env, "avx2") == 0) want = Isa::kAvx2;
   }
-  if (m == neg_inf<Acc>()) return lse_empty<Acc>();  // all -inf: adds nothing, skip the exp sum
-  Acc lane_sum[kLanes] = {};
-  j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lane_sum[l] += exp_acc(load<Acc>(x[j + l]) - m);
-  Acc s = 0;
-  for (int64_t l = 0; l < kLanes; ++l) s += lane_sum[l];
-  for (; j < n; ++j) s += exp_acc(load<Acc>(x[j]) - m);
-  return {m, s};
+  return std::min(want, widest_supported());
 }
 
 }  // namespace
 
 template <typename T, typename Acc>
-void logprob_rows(const T* logits, T* probs, int64_t rows, int64_t vocab, const int64_t* targets,
-                  Acc* logp, Acc* lse) {
-#pragma omp parallel for schedule(static) if (rows * vocab >= kParallelMin && rows > 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* x = logits + r * vocab;
-    LsePair<Acc> acc = lse_empty<Acc>();
-    for (int64_t lo = 0; lo < vocab; lo += kRowBlock)
-      acc = lse_merge(acc, block_lse<T, Acc>(x + lo, std::min(kRowBlock, vocab - lo)));
-    const Acc row_lse = lse_value(acc);
-    lse[r] = row_lse;
-    logp[r] = load<Acc>(x[targets[r]]) - row_lse;
-    if (probs != nullptr) {
-      T* p = probs + r * vocab;
-      for (int64_t v = 0; v < vocab; ++v) p[v] = static_cast<T>(softmax_prob(load<Acc>(x[v]), row_lse));
-    }
+void logprob_rows(const T* logits, T* probs, int64_t rows, int64_t vocab, const int64_t* targets, Acc* logp,
+                  Acc* lse) {
+  switch (active_isa()) {
+#ifdef NAPO_CPU_X86_CLONES
+    case Isa::kAvx512:
+      return avx512::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse);
+    case Isa::kAvx2:
+      return avx2::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse);
+#endif
+    default:
+      return generic::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse);
   }
 }
 
 template <typename T, typename Acc>
-void logit_grad_rows(const T* in, T* out, int64_t rows, int64_t vocab, const int64_t* targets,
-                     const Acc* grad, const Acc* lse, Acc* d_bias) {
-  const int64_t blocks = (vocab + kColBlock - 1) / kColBlock;
-#pragma omp parallel for schedule(static) if (rows * vocab >= kParallelMin && blocks > 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t lo = b * kColBlock;
-    const int64_t len = std::min(kColBlock, vocab - lo);
-    Acc bias_sum[kColBlock] = {};
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* x = in + r * vocab + lo;
-      T* o = out + r * vocab + lo;
-      const Acc g = grad[r];
-      const Acc row_lse = lse[r];
-      const int64_t y = targets[r] - lo;  // the target's column within this block (maybe outside)
-      for (int64_t v = 0; v < len; ++v) {
-        const Acc d = logit_grad(g, v == y, load<Acc>(x[v]), row_lse);
-        o[v] = static_cast<T>(d);
-        bias_sum[v] += d;
-      }
-    }
-    if (d_bias != nullptr)
-      for (int64_t v = 0; v < len; ++v) d_bias[lo + v] += bias_sum[v];
+void logit_grad_rows(const T* in, T* out, int64_t rows, int64_t vocab, const int64_t* targets, const Acc* grad,
+                     const Acc* lse, Acc* d_bias) {
+  switch (active_isa()) {
+#ifdef NAPO_CPU_X86_CLONES
+    case Isa::kAvx512:
+      return avx512::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias);
+    case Isa::kAvx2:
+      return avx2::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias);
+#endif
+    default:
+      return generic::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias);
   }
 }
 
+// Stage 2 is O(B * M) and tiny next to stage 1: one plain version, OpenMP over prompt rows.
 template <typename Acc>
 int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* select, const Acc* coef,
                         const Acc* margin, int64_t batch, int64_t pool, int agg, Acc* loss_rows,
                         Acc* weights) {
   int64_t first_empty = batch;
-#pragma omp parallel for schedule(static) reduction(min : first_empty) if (batch * pool >= kParallelMin)
+#pragma omp parallel for schedule(static) reduction(min : first_empty) if (batch * pool >= (1 << 15))
   for (int64_t i = 0; i < batch; ++i) {
     const int64_t base = i * pool;
     LsePair<Acc> acc = lse_empty<Acc>();
