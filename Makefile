@@ -21,7 +21,7 @@ $(VENV)/bin/python:
 # C++ extension, built against that torch (no build isolation).
 $(STAMP): $(VENV)/bin/python $(SOURCES)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy ninja
-	$(PY) -m pip install --quiet "triton>=3.1" "pytest>=8" "hypothesis>=6.100" "ruff>=0.6" tqdm matplotlib
+	$(PY) -m pip install --quiet "triton>=3.1" "pytest>=8" "hypothesis>=6.100" "ruff>=0.6" tqdm matplotlib transformers peft tokenizers
 	$(PY) -m pip install --quiet --no-build-isolation -e .
 	$(PY) -c "import napo_kernels as nk; print({k: v.available for k, v in nk.backends().items()})"
 	touch $(STAMP)
@@ -36,6 +36,10 @@ test: setup lint
 
 bench: setup
 	$(PY) -m benchmarks
+
+# End to end on the synthetic world (< 5 minutes on 2 CPU cores): untrained vs SFT vs NAPO.
+demo: setup
+	$(PY) examples/train_recommender.py --methods sft napo --quiet --out runs/demo.json
 
 # Compile every .cu file for each architecture (compile only: nothing runs without a GPU), warnings as
 # errors; then type-check the tensor-side CUDA wrappers (csrc/cuda/*.cpp) against the installed torch

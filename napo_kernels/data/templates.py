@@ -19,9 +19,9 @@ class RecPromptTemplate:
     """
 
     text: str = (
-        "A user recently enjoyed these {domain}s, oldest first: {history}.\n"
+        "The user recently liked these {domain}s, oldest first: {history}.\n"
         "Candidates: {candidates}.\n"
-        "Pick the one {domain} from the candidates the user will enjoy next.\nAnswer:"
+        "The next {domain} the user will like, from the candidates:"
     )
     domain: str = "item"
     item_separator: str = ", "
