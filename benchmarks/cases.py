@@ -69,6 +69,13 @@ class Shape:
     def variant(self) -> str:
         return "trainable" if self.trainable else "frozen"
 
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes of the gradients a step hands back (``hidden``, and ``weight`` when trainable): the
+        floor of every contender's peak extra memory."""
+        size = torch.empty(0, dtype=DTYPES[self.dtype]).element_size()
+        return size * (self.all_rows * self.hidden + (self.vocab * self.hidden if self.trainable else 0))
+
     def with_variant(self, variant: str) -> Shape:
         return replace(self, trainable=variant == "trainable")
 
@@ -126,7 +133,7 @@ def rec_shape(quick: bool) -> Shape:
 def dense_shape(quick: bool) -> Shape:
     """Pairwise DPO with every one of T = 256 tokens scored (chat-style DPO, no sharing)."""
     dims = dict(prompts=2, answer_len=8, hidden=32, vocab=256) if quick else \
-        dict(prompts=4, answer_len=256, hidden=1024, vocab=32000)  # fmt: skip
+        dict(prompts=2, answer_len=256, hidden=1024, vocab=32000)  # fmt: skip
     return Shape(negatives=1, prompt_len=0, method="dpo", sharing="own", **dims)
 
 
@@ -150,30 +157,16 @@ class Sweep:
 def scaling_sweeps(quick: bool) -> list[Sweep]:
     base = rec_shape(quick)
     if quick:
-        ks, vocabs, answers, chunks = (1, 2), (128, 256), (2, 4), (8, 16)
+        ks, vocabs, prompts, chunks = (1, 2), (128, 256), (4, 8), (8, 16)
     else:
-        ks, vocabs, answers, chunks = (
-            (1, 3, 7, 11, 15, 19),
-            (8192, 16384, 32000, 65536, 131072),
-            (2, 4, 8, 16, 32, 64),
-            (16, 32, 64, 128, 256, 512),
-        )
+        ks, vocabs = (1, 3, 7, 11, 15, 19), (8192, 16384, 32000, 65536, 131072)
+        prompts, chunks = (32, 64, 128, 256, 512), (16, 32, 64, 128, 256, 512)
     return [
-        Sweep(
-            "pool",
-            "own negatives K per prompt (shared pool = B*K)",
-            tuple((k, replace(base, negatives=k)) for k in ks),
-        ),
+        Sweep("pool", "own negatives K per prompt (shared pool = B*K)",
+              tuple((k, replace(base, negatives=k)) for k in ks)),
         Sweep("vocab", "vocabulary size V", tuple((v, replace(base, vocab=v)) for v in vocabs)),
-        Sweep(
-            "tokens",
-            "scored (answer) tokens per candidate",
-            tuple((a, replace(base, answer_len=a)) for a in answers),
-        ),
-        Sweep(
-            "chunk",
-            "napo-kernels chunk size (rows of V per block)",
-            tuple((c, replace(base, chunk_size=c)) for c in chunks),
-            napo_only=True,
-        ),
-    ]
+        Sweep("tokens", f"prompt tokens per candidate (unscored; {base.answer_len} answer tokens scored)",
+              tuple((p, replace(base, prompt_len=p)) for p in prompts)),
+        Sweep("chunk", "napo-kernels chunk size (rows of V per block)",
+              tuple((c, replace(base, chunk_size=c)) for c in chunks), napo_only=True),
+    ]  # fmt: skip

@@ -25,11 +25,11 @@ from .cases import Inputs, Shape
 
 BASELINES = ("plain", "sliced", "compile", "liger", "cce")
 LABELS = {
-    "plain": "plain PyTorch (TRL-style, all positions)",
-    "sliced": "plain PyTorch, scored rows sliced first",
+    "plain": "plain PyTorch, all positions (TRL)",
+    "sliced": "plain PyTorch, scored rows only",
     "compile": "torch.compile(plain)",
-    "liger": "Liger LigerFusedLinearDPOLoss",
-    "cce": "Cut Cross-Entropy (torch_compile impl)",
+    "liger": "Liger-Kernel LigerFusedLinearDPOLoss",
+    "cce": "Cut Cross-Entropy linear_cross_entropy",
     "bare": "bare GEMMs (hardware limit)",
 }
 

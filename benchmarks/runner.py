@@ -168,7 +168,7 @@ class Runner:
         for v in variants:
             shape = base.with_variant(v)
             napo = pick_napo(timed[v], self.auto)
-            rows = make_rows(timed[v], memory[v], napo)
+            rows = make_rows(timed[v], memory[v], napo, shape.grad_bytes)
             chunk, strategy = _napo_strategy(shape, self.device)
             self.payload["tables"].append(
                 {
@@ -236,7 +236,7 @@ class Runner:
                                 "x": x,
                                 "shape": shape.to_dict(),
                                 "napo": napo,
-                                "rows": make_rows(timed[i], memory[i], napo),
+                                "rows": make_rows(timed[i], memory[i], napo, shape.grad_bytes),
                             }
                         )
                 base = rec_shape(self.quick).with_variant(v).describe()
@@ -293,7 +293,7 @@ class Runner:
     def _report_pool(self, variants, pool_timed, pool_memory) -> None:
         for v in variants:
             entries = self._pool_entries(v)
-            rows = make_rows(pool_timed[v], pool_memory[v], "own")
+            rows = make_rows(pool_timed[v], pool_memory[v], "own", entries[0][2].grad_bytes)
             for r, (_, _, shape) in zip(rows, entries):
                 r["label"] = f"{self.auto} sharing={shape.sharing} ({shape.pool_per_prompt} negatives/prompt)"
                 r["pool"] = shape.pool_per_prompt
