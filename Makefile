@@ -9,7 +9,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 
-.PHONY: setup install test lint bench demo check-cuda clean
+.PHONY: setup install test lint bench bench-deps demo check-cuda clean
 
 setup: $(STAMP)
 
@@ -31,10 +31,19 @@ install: setup
 lint: setup
 	$(VENV)/bin/ruff check napo_kernels benchmarks tests examples
 
-test: setup lint
+test: setup bench-deps lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: setup
+# Optional benchmark contenders (Liger-Kernel, Cut Cross-Entropy), pure-Python wheels; without them
+# the suite reports "not installed". TORCH_SPEC keeps pip from replacing the installed torch.
+BENCH_STAMP := $(VENV)/.napo-bench-deps
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" liger-kernel cut-cross-entropy || echo "optional benchmark contenders not installed"
+	touch $(BENCH_STAMP)
+
+bench-deps: $(BENCH_STAMP)
+
+bench: setup bench-deps
 	$(PY) -m benchmarks
 
 # End to end on the synthetic world (< 5 minutes on 2 CPU cores): untrained vs SFT vs NAPO.
