@@ -25,7 +25,7 @@ def extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     # C++20: the standard the torch headers are written for; no errno/trapping math (as torch builds
-    # itself) lets the compiler vectorise the selects of the CPU row loops (csrc/cpu/row_passes.inc)
+    # itself) lets the compiler vectorise the selects of the CPU row loops (csrc/cpu/row_passes.h)
     cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", *openmp]
     kwargs = dict(
         name="napo_kernels._C",

@@ -1,4 +1,4 @@
-// CPU fused passes: the ISA-specific row loops of row_passes.inc, dispatched at run time, and stage 2.
+// CPU fused passes: the ISA-specific row loops of row_passes.h, dispatched at run time, and stage 2.
 #include "cpu/row_kernels.h"
 
 #include <c10/util/BFloat16.h>
@@ -11,7 +11,7 @@
 #include "napo_math.h"
 
 #define NAPO_CPU_ISA generic
-#include "cpu/row_passes.inc"
+#include "cpu/row_passes.h"
 #undef NAPO_CPU_ISA
 
 // GCC on x86-64: the same loops again for AVX2 and AVX-512 (16 floats per instruction: the
@@ -21,13 +21,13 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define NAPO_CPU_ISA avx2
-#include "cpu/row_passes.inc"
+#include "cpu/row_passes.h"
 #undef NAPO_CPU_ISA
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
 #define NAPO_CPU_ISA avx512
-#include "cpu/row_passes.inc"
+#include "cpu/row_passes.h"
 #undef NAPO_CPU_ISA
 #pragma GCC pop_options
 #endif

@@ -1,5 +1,5 @@
-// The vectorisable CPU row loops. Not a normal header: csrc/cpu/row_kernels.cpp includes it once
-// per instruction set, each time inside `#pragma GCC target(...)` and with NAPO_CPU_ISA naming the
+// The vectorisable CPU row loops. Not an ordinary header (no include guard, on purpose):
+// csrc/cpu/row_kernels.cpp includes it once per instruction set, each time inside `#pragma GCC target(...)` and with NAPO_CPU_ISA naming the
 // namespace, so the same text is compiled for plain x86-64 / AVX2 / AVX-512 and picked at run time.
 // OpenMP over rows (forward) or over column blocks (backward): every output element is produced by
 // one thread in a fixed order, so results do not depend on the thread count or scheduling.
