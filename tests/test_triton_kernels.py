@@ -84,6 +84,9 @@ def linear_problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16, 
     spread = draw(st.sampled_from([1.0, 6.0]))  # 6: peaked softmax, large logits
     hidden = randn(gen, r, h).to(dtype)
     weight = (randn(gen, v, h, scale=spread / h**0.5)).to(dtype)
+    if draw(st.booleans()):  # row strides != H: views into wider tensors, used without a copy
+        hidden = torch.cat([hidden, hidden[:, :2]], 1)[:, :h]
+        weight = torch.cat([weight, weight[:, :3]], 1)[:, :h]
     bias = randn(gen, v, scale=0.5).to(dtype) if draw(st.booleans()) else None
     targets = torch.randint(0, v, (r,), generator=gen)
     grad = randn(gen, r).to(acc_of(dtype))
