@@ -37,7 +37,7 @@ def _extension_error() -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(name: str) -> BackendInfo:
     if name == "torch":
         return BackendInfo("torch", True, ("cpu", "cuda"))
@@ -61,7 +61,9 @@ def _probe(name: str) -> BackendInfo:
         if os.environ.get("TRITON_INTERPRET") == "1":
             return BackendInfo("triton", True, ("cpu", "cuda"))
         if not torch.cuda.is_available():
-            return BackendInfo("triton", False, ("cuda",), "no CUDA device (set TRITON_INTERPRET=1 to run on CPU)")
+            return BackendInfo(
+                "triton", False, ("cuda",), "no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"
+            )
         return BackendInfo("triton", True, ("cuda",))
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
 

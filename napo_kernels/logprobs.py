@@ -90,7 +90,9 @@ def _reduce(
     required = counts == 0
     if sequence_mask is not None:
         if sequence_mask.numel() != num_sequences:
-            raise ValueError(f"sequence_mask must have {num_sequences} entries, got {list(sequence_mask.shape)}")
+            raise ValueError(
+                f"sequence_mask must have {num_sequences} entries, got {list(sequence_mask.shape)}"
+            )
         required &= sequence_mask.reshape(-1).to(counts.device).bool()
     if bool(required.any()):
         first = int(torch.nonzero(required)[0])
@@ -162,7 +164,9 @@ def sequence_logprobs(
     checks.require_same("labels", labels, "hidden", hidden, dtype=False)
     vocab, h = weight.shape
     if hidden.shape[-1] != h:
-        raise ValueError(f"hidden has size {hidden.shape[-1]} in its last dimension but weight is [V={vocab}, H={h}]")
+        raise ValueError(
+            f"hidden has size {hidden.shape[-1]} in its last dimension but weight is [V={vocab}, H={h}]"
+        )
     if bias is not None:
         checks.require_tensor("bias", bias)
         checks.require_same("bias", bias, "weight", weight)

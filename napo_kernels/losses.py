@@ -102,11 +102,17 @@ def _validate(
         checks.require_same("user_embeddings", user_embeddings, "chosen_logps", chosen, dtype=False)
     if confidence is not None:
         if confidence.numel() != b * k:  # [B, K] or flat [B * K]
-            raise ValueError(f"confidence must be [B={b}, K={k}] (one per negative), got {list(confidence.shape)}")
+            raise ValueError(
+                f"confidence must be [B={b}, K={k}] (one per negative), got {list(confidence.shape)}"
+            )
         checks.require_same("confidence", confidence, "chosen_logps", chosen, dtype=False)
-    if method == "dpo" and (k != 1 or (isinstance(sharing, str) and sharing != "own") or isinstance(sharing, Tensor)):
-        raise ValueError("method='dpo' compares each positive with exactly one own negative (K = 1, sharing='own'); "
-                         "use 's_dpo' or 'napo' for several or shared negatives")
+    if method == "dpo" and (
+        k != 1 or (isinstance(sharing, str) and sharing != "own") or isinstance(sharing, Tensor)
+    ):
+        raise ValueError(
+            "method='dpo' compares each positive with exactly one own negative (K = 1, sharing='own'); "
+            "use 's_dpo' or 'napo' for several or shared negatives"
+        )
     return rejected
 
 
@@ -330,14 +336,15 @@ def napo_loss(
     else:
         raise ValueError(f"hidden must be [B, C, T, H] or packed [N, H], got {list(hidden.shape)}")
     if c < 2:
-        raise ValueError(f"each prompt needs a positive and at least one negative: C = {c} candidates (K = 0)")
+        raise ValueError(
+            f"each prompt needs a positive and at least one negative: C = {c} candidates (K = 0)"
+        )
     if candidate_mask is not None:
         checks.require_shape("candidate_mask", candidate_mask, (b, c), "[B, C], candidate 0 is the positive")
         candidate_mask = candidate_mask.to(hidden.device).bool()
         if not bool(candidate_mask[:, 0].all()):
-            raise ValueError(
-                f"candidate_mask: prompt {int(torch.nonzero(~candidate_mask[:, 0])[0])} has no positive (column 0)"
-            )
+            first = int(torch.nonzero(~candidate_mask[:, 0])[0])
+            raise ValueError(f"candidate_mask: prompt {first} has no positive (column 0)")
     if ref_logps is not None:
         checks.require_shape("ref_logps", ref_logps, (b, c), "reference score of every candidate")
         checks.require_same("ref_logps", ref_logps, "hidden", hidden, dtype=False)
@@ -394,7 +401,11 @@ class PreferenceLoss(nn.Module):
         self.tau, self.detach_shared, self.reduction = tau, detach_shared, reduction
         self.chunk_size, self.memory_budget, self.backend = chunk_size, memory_budget, backend
         self.process_group = process_group
-        self.margin = DynamicMargin(1.0 if gamma is None else gamma, alpha, mu, margin_mode) if method == "napo" else None
+        self.margin = (
+            DynamicMargin(1.0 if gamma is None else gamma, alpha, mu, margin_mode)
+            if method == "napo"
+            else None
+        )
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, beta={self.beta}, backend={self.backend!r}"

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels.torch_chunked import AGG_LSE, AGG_MEAN
 from .reference import THREE_MEANS_RTOL
 
 METHODS = ("dpo", "s_dpo", "dmpo", "napo", "dynamicpo")

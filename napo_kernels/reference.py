@@ -116,7 +116,9 @@ def _masked_lse(x: Tensor, mask: Tensor) -> Tensor:
     return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=-1)
 
 
-def dpo_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, beta: float = 1.0, gamma: float = 0.0) -> Tensor:
+def dpo_loss(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, beta: float = 1.0, gamma: float = 0.0
+) -> Tensor:
     """``-log sigma(beta (r^+ - r^-) - gamma)`` for ``[B]`` and ``[B]`` rewards."""
     return -F.logsigmoid(beta * (chosen_rewards - rejected_rewards) - gamma)
 
@@ -313,9 +315,7 @@ def preference_loss(
     elif method == "napo":
         if confidence is None:
             confidence = torch.sigmoid(beta * r_neg.detach())
-        margin, new_ema, m_t = napo_margin(
-            confidence.reshape(-1), pool, ema, gamma, alpha, mu, margin_mode
-        )
+        margin, new_ema, m_t = napo_margin(confidence.reshape(-1), pool, ema, gamma, alpha, mu, margin_mode)
         rows = napo_loss(delta, pool, margin.to(acc), beta)
         extras.update(margin=margin, ema=new_ema, batch_confidence=m_t)
     elif method == "dynamicpo":

@@ -75,7 +75,9 @@ def linear_logprobs_bwd(
     rows = hidden.shape[0]
     d_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
     d_weight = torch.zeros_like(weight, dtype=acc) if need_weight else weight.new_empty(0)
-    d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
+    d_bias = (
+        torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
+    )
     for lo in range(0, rows, chunk_size):
         hi = min(lo + chunk_size, rows)
         logits = _logits(hidden[lo:hi], weight, bias, acc)
