@@ -20,5 +20,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(scope="session", params=backend_params())
 def backend(request) -> str:
-    """Every kernel backend; one that cannot run CPU tensors here shows up as a skip with its reason."""
-    return request.param
+    """Every kernel backend; one that cannot run CPU tensors here shows up as a skip with its reason,
+    or fails when it is required (``NAPO_REQUIRE_BACKENDS``, default ``torch``, plus ``cpp`` under CI)."""
+    name, problem = request.param
+    if problem:
+        pytest.fail(f"{problem} (required by NAPO_REQUIRE_BACKENDS / CI)")
+    return name

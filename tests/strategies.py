@@ -7,6 +7,7 @@ hypothesis would be slow); hypothesis chooses the shapes, layouts, masks and opt
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -28,17 +29,30 @@ IGNORE = reference.IGNORE_INDEX
 MAX_EXAMPLES = {"torch": 25, "cpp": 25, "triton": 10, "cuda": 10}
 
 
+def required_backends() -> set[str]:
+    """Backends that must run (a missing one fails instead of skipping): ``NAPO_REQUIRE_BACKENDS``
+    (comma separated), by default ``torch`` and, under CI (``CI`` set), also ``cpp``, which CI builds."""
+    default = "torch,cpp" if os.environ.get("CI") else "torch"
+    return {
+        name.strip() for name in os.environ.get("NAPO_REQUIRE_BACKENDS", default).split(",") if name.strip()
+    }
+
+
 def backend_params() -> list:
     """One ``pytest.param`` per backend; a backend that cannot run CPU tensors here is a visible
-    skip carrying the reason ``napo_kernels.backends()`` gives."""
+    skip carrying the reason ``napo_kernels.backends()`` gives (a failure if it is required)."""
     params = []
+    required = required_backends()
     for name, info in nk.backends().items():
         marks = [pytest.mark.triton] if name == "triton" else []
+        problem = ""
         if not info.available:
-            marks.append(pytest.mark.skip(reason=f"backend {name!r} unavailable: {info.reason}"))
+            problem = f"backend {name!r} unavailable: {info.reason}"
         elif "cpu" not in info.devices:
-            marks.append(pytest.mark.skip(reason=f"backend {name!r} runs on {info.devices} only (no CPU)"))
-        params.append(pytest.param(name, marks=marks, id=name))
+            problem = f"backend {name!r} runs on {info.devices} only (no CPU)"
+        if problem and name not in required:
+            marks.append(pytest.mark.skip(reason=problem))
+        params.append(pytest.param((name, problem), marks=marks, id=name))
     return params
 
 

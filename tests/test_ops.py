@@ -16,7 +16,9 @@ from napo_kernels.ops.logits_logprobs import logits_logprobs, logits_logprobs_ba
 from napo_kernels.ops.preference import preference_rows
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:napo. no margin_state:UserWarning", "ignore:Dynamo detected a call to a `functools.lru_cache`"
+    "ignore:napo. no margin_state:UserWarning",
+    "ignore:Dynamo detected a call to a `functools.lru_cache`",  # dispatch._probe: constant per process
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",  # raised inside inductor
 )
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
