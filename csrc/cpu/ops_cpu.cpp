@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "chunked_linear.h"
@@ -10,6 +11,11 @@
 
 namespace napo {
 namespace {
+
+// torch's intra-op thread count, or 1 inside a torch parallel region (no nested teams).
+int team_size() {
+  return at::in_parallel_region() ? 1 : at::get_num_threads();
+}
 
 struct CpuPasses {
   static void check_targets(const at::Tensor& targets, int64_t vocab) {
@@ -26,7 +32,7 @@ struct CpuPasses {
       cpu::logprob_rows<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(),
                                          probs.defined() ? probs.mutable_data_ptr<scalar_t>() : nullptr,
                                          logits.size(0), logits.size(1), targets.const_data_ptr<int64_t>(),
-                                         logp.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
+                                         logp.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(), team_size());
     });
   }
 
@@ -37,7 +43,7 @@ struct CpuPasses {
       cpu::logit_grad_rows<scalar_t, acc_t>(in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                                             in.size(0), in.size(1), targets.const_data_ptr<int64_t>(),
                                             grad.const_data_ptr<acc_t>(), lse.const_data_ptr<acc_t>(),
-                                            d_bias.defined() ? d_bias.mutable_data_ptr<acc_t>() : nullptr);
+                                            d_bias.defined() ? d_bias.mutable_data_ptr<acc_t>() : nullptr, team_size());
     });
   }
 };
@@ -56,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, c
     empty_row = cpu::preference_rows<scalar_t>(
         chosen.const_data_ptr<scalar_t>(), rejected.const_data_ptr<scalar_t>(), select.const_data_ptr<bool>(),
         coef.const_data_ptr<scalar_t>(), margin.const_data_ptr<scalar_t>(), batch, pool, static_cast<int>(agg),
-        rows.mutable_data_ptr<scalar_t>(), weights.mutable_data_ptr<scalar_t>());
+        rows.mutable_data_ptr<scalar_t>(), weights.mutable_data_ptr<scalar_t>(), team_size());
   });
   TORCH_CHECK_VALUE(empty_row < 0, "napo_C::preference_fwd: prompt ", empty_row,
                     " has no selected negative (select[", empty_row, "] is all False), so its loss is undefined");

@@ -68,31 +68,31 @@ Isa active_isa() {
 
 template <typename T, typename Acc>
 void logprob_rows(const T* logits, T* probs, int64_t rows, int64_t vocab, const int64_t* targets, Acc* logp,
-                  Acc* lse) {
+                  Acc* lse, int threads) {
   switch (active_isa()) {
 #ifdef NAPO_CPU_X86_CLONES
     case Isa::kAvx512:
-      return avx512::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse);
+      return avx512::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse, threads);
     case Isa::kAvx2:
-      return avx2::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse);
+      return avx2::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse, threads);
 #endif
     default:
-      return generic::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse);
+      return generic::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse, threads);
   }
 }
 
 template <typename T, typename Acc>
 void logit_grad_rows(const T* in, T* out, int64_t rows, int64_t vocab, const int64_t* targets, const Acc* grad,
-                     const Acc* lse, Acc* d_bias) {
+                     const Acc* lse, Acc* d_bias, int threads) {
   switch (active_isa()) {
 #ifdef NAPO_CPU_X86_CLONES
     case Isa::kAvx512:
-      return avx512::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias);
+      return avx512::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
     case Isa::kAvx2:
-      return avx2::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias);
+      return avx2::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
 #endif
     default:
-      return generic::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias);
+      return generic::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
   }
 }
 
@@ -100,9 +100,10 @@ void logit_grad_rows(const T* in, T* out, int64_t rows, int64_t vocab, const int
 template <typename Acc>
 int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* select, const Acc* coef,
                         const Acc* margin, int64_t batch, int64_t pool, int agg, Acc* loss_rows,
-                        Acc* weights) {
+                        Acc* weights, int threads) {
   int64_t first_empty = batch;
-#pragma omp parallel for schedule(static) reduction(min : first_empty) if (batch * pool >= (1 << 15))
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(min : first_empty) \
+    if (batch * pool >= (1 << 15))
   for (int64_t i = 0; i < batch; ++i) {
     const int64_t base = i * pool;
     LsePair<Acc> acc = lse_empty<Acc>();
@@ -135,9 +136,9 @@ int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* sele
 }
 
 #define NAPO_INSTANTIATE_ROWS(T, Acc)                                                              \
-  template void logprob_rows<T, Acc>(const T*, T*, int64_t, int64_t, const int64_t*, Acc*, Acc*); \
-  template void logit_grad_rows<T, Acc>(const T*, T*, int64_t, int64_t, const int64_t*, const Acc*, \
-                                        const Acc*, Acc*);
+  template void logprob_rows<T, Acc>(const T*, T*, int64_t, int64_t, const int64_t*, Acc*, Acc*, int); \
+  template void logit_grad_rows<T, Acc>(const T*, T*, int64_t, int64_t, const int64_t*, const Acc*,      \
+                                        const Acc*, Acc*, int);
 NAPO_INSTANTIATE_ROWS(float, float)
 NAPO_INSTANTIATE_ROWS(double, double)
 NAPO_INSTANTIATE_ROWS(c10::Half, float)
@@ -145,8 +146,8 @@ NAPO_INSTANTIATE_ROWS(c10::BFloat16, float)
 #undef NAPO_INSTANTIATE_ROWS
 
 template int64_t preference_rows<float>(const float*, const float*, const bool*, const float*, const float*,
-                                        int64_t, int64_t, int, float*, float*);
+                                        int64_t, int64_t, int, float*, float*, int);
 template int64_t preference_rows<double>(const double*, const double*, const bool*, const double*,
-                                         const double*, int64_t, int64_t, int, double*, double*);
+                                         const double*, int64_t, int64_t, int, double*, double*, int);
 
 }  // namespace napo::cpu

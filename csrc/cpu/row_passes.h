@@ -1,11 +1,11 @@
 // The vectorisable CPU row loops. Not an ordinary header (no include guard, on purpose):
-// csrc/cpu/row_kernels.cpp includes it once per instruction set, each time inside `#pragma GCC target(...)` and with NAPO_CPU_ISA naming the
-// namespace, so the same text is compiled for plain x86-64 / AVX2 / AVX-512 and picked at run time.
-// OpenMP over rows (forward) or over column blocks (backward): every output element is produced by
-// one thread in a fixed order, so results do not depend on the thread count or scheduling.
+// csrc/cpu/row_kernels.cpp includes it once per instruction set, each time inside
+// `#pragma GCC target(...)` and with NAPO_CPU_ISA naming the namespace, so the same text is compiled
+// for plain x86-64 / AVX2 / AVX-512 and picked at run time.
+// OpenMP over rows (forward) or over column blocks (backward) on `threads` threads: every output
+// element is produced by one thread in a fixed order, so results do not depend on the thread count.
 
 namespace napo::cpu::NAPO_CPU_ISA {
-
 
 // Fixed-width lanes: the inner loops have no cross-iteration dependency inside a lane group, so
 // the compiler can vectorise them without reassociating floating-point sums (no -ffast-math).
@@ -53,8 +53,8 @@ LsePair<Acc> block_lse(const T* x, int64_t n) {
 
 template <typename T, typename Acc>
 void logprob_rows(const T* logits, T* probs, int64_t rows, int64_t vocab, const int64_t* targets,
-                  Acc* logp, Acc* lse) {
-#pragma omp parallel for schedule(static) if (rows * vocab >= kParallelMin && rows > 1)
+                  Acc* logp, Acc* lse, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * vocab >= kParallelMin && rows > 1)
   for (int64_t r = 0; r < rows; ++r) {
     const T* x = logits + r * vocab;
     LsePair<Acc> acc = lse_empty<Acc>();
@@ -72,9 +72,9 @@ void logprob_rows(const T* logits, T* probs, int64_t rows, int64_t vocab, const 
 
 template <typename T, typename Acc>
 void logit_grad_rows(const T* in, T* out, int64_t rows, int64_t vocab, const int64_t* targets,
-                     const Acc* grad, const Acc* lse, Acc* d_bias) {
+                     const Acc* grad, const Acc* lse, Acc* d_bias, int threads) {
   const int64_t blocks = (vocab + kColBlock - 1) / kColBlock;
-#pragma omp parallel for schedule(static) if (rows * vocab >= kParallelMin && blocks > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * vocab >= kParallelMin && blocks > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t lo = b * kColBlock;
     const int64_t len = std::min(kColBlock, vocab - lo);
