@@ -353,6 +353,37 @@ def test_softmax_accuracy_within_a_few_ulps(isa, monkeypatch):
     torch.testing.assert_close(lse.double(), torch.logsumexp(x, 1), rtol=4e-7, atol=2e-7)
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_loads_and_stores_are_exact(dtype, isa, monkeypatch):
+    """Every 16-bit pattern is read exactly, and float32 values are rounded to nearest-even exactly
+    as torch rounds them (ties, subnormals, overflow to inf, NaN): rows [x, -inf] have lse = x,
+    and with the target on the -inf column the gradient row is exactly [-g, g]."""
+    monkeypatch.setenv("NAPO_KERNELS_CPU_ISA", isa)
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = values[values != float("inf")]  # [+inf, -inf] has no finite lse (log_softmax: NaN too)
+    logits = torch.stack([values, torch.full_like(values, float("-inf"))], 1)
+    _, lse = cpp.logits_logprobs_fwd(logits, torch.zeros(len(values), dtype=torch.long), 1)
+    assert torch.equal(lse.isnan(), values.isnan())
+    assert torch.equal(lse[~lse.isnan()], values.float()[~lse.isnan()])
+    # float32 values to round: random bit patterns (NaN, inf, subnormal, huge), every midpoint
+    # between neighbouring 16-bit values (the ties) and the float32 values just either side of it
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (40000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    finite = torch.sort(values[torch.isfinite(values)].float()).values
+    mid = (finite[:-1] + finite[1:]) / 2
+    up, down = torch.full_like(mid, float("inf")), torch.full_like(mid, float("-inf"))
+    g = torch.cat([bits.view(torch.float32), mid, torch.nextafter(mid, up), torch.nextafter(mid, down)])
+    rows = torch.stack([torch.zeros(len(g)), torch.full((len(g),), float("-inf"))], 1).to(dtype)
+    targets = torch.ones(len(g), dtype=torch.long)
+    lse = torch.zeros(len(g))
+    d = cpp.logits_logprobs_bwd(g, rows, targets, lse, 1)
+    for got, want in ((d[:, 1], g.to(dtype)), (d[:, 0], (-g).to(dtype))):
+        assert torch.equal(got.isnan(), want.isnan())
+        ok = ~want.isnan()
+        assert torch.equal(got[ok].view(torch.int16), want[ok].view(torch.int16))
+
+
 # ---------------------------------------------------------------------------------------------
 # Determinism: the same input gives the same bits, whatever the number of threads of the row passes
 # ---------------------------------------------------------------------------------------------

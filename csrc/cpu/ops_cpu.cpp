@@ -2,7 +2,6 @@
 // row passes of row_kernels.cpp, and stage 2.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,6 +16,24 @@ int team_size() {
   return at::in_parallel_region() ? 1 : at::get_num_threads();
 }
 
+// Calls fn with the storage format (csrc/cpu/formats.h) of a float dtype: fp16/bf16 go to the row
+// loops as raw 16-bit patterns.
+template <typename Fn>
+void with_format(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat:
+      return fn(cpu::Float32{});
+    case at::kDouble:
+      return fn(cpu::Float64{});
+    case at::kHalf:
+      return fn(cpu::Float16{});
+    case at::kBFloat16:
+      return fn(cpu::BFloat16{});
+    default:
+      TORCH_CHECK_TYPE(false, "napo_C: unsupported dtype ", t);
+  }
+}
+
 struct CpuPasses {
   static void check_targets(const at::Tensor& targets, int64_t vocab) {
     const int64_t* t = targets.const_data_ptr<int64_t>();
@@ -27,23 +44,27 @@ struct CpuPasses {
 
   static void logprob_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
                            at::Tensor logp, at::Tensor lse) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "napo_logprob_rows", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      cpu::logprob_rows<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(),
-                                         probs.defined() ? probs.mutable_data_ptr<scalar_t>() : nullptr,
-                                         logits.size(0), logits.size(1), targets.const_data_ptr<int64_t>(),
-                                         logp.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(), team_size());
+    with_format(logits.scalar_type(), [&](auto format) {
+      using F = decltype(format);
+      using T = typename F::storage;
+      using Acc = typename F::acc;
+      cpu::logprob_rows<F>(static_cast<const T*>(logits.const_data_ptr()),
+                           probs.defined() ? static_cast<T*>(probs.mutable_data_ptr()) : nullptr, logits.size(0),
+                           logits.size(1), targets.const_data_ptr<int64_t>(), logp.mutable_data_ptr<Acc>(),
+                           lse.mutable_data_ptr<Acc>(), team_size());
     });
   }
 
   static void logit_grad_rows(const at::Tensor& in, const at::Tensor& out, const at::Tensor& targets,
                               const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& d_bias) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "napo_logit_grad_rows", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      cpu::logit_grad_rows<scalar_t, acc_t>(in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                            in.size(0), in.size(1), targets.const_data_ptr<int64_t>(),
-                                            grad.const_data_ptr<acc_t>(), lse.const_data_ptr<acc_t>(),
-                                            d_bias.defined() ? d_bias.mutable_data_ptr<acc_t>() : nullptr, team_size());
+    with_format(in.scalar_type(), [&](auto format) {
+      using F = decltype(format);
+      using T = typename F::storage;
+      using Acc = typename F::acc;
+      cpu::logit_grad_rows<F>(static_cast<const T*>(in.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()),
+                              in.size(0), in.size(1), targets.const_data_ptr<int64_t>(), grad.const_data_ptr<Acc>(),
+                              lse.const_data_ptr<Acc>(), d_bias.defined() ? d_bias.mutable_data_ptr<Acc>() : nullptr,
+                              team_size());
     });
   }
 };

@@ -1,9 +1,6 @@
 // CPU fused passes: the ISA-specific row loops of row_passes.h, dispatched at run time, and stage 2.
 #include "cpu/row_kernels.h"
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -66,33 +63,34 @@ Isa active_isa() {
 
 }  // namespace
 
-template <typename T, typename Acc>
-void logprob_rows(const T* logits, T* probs, int64_t rows, int64_t vocab, const int64_t* targets, Acc* logp,
-                  Acc* lse, int threads) {
+template <class F>
+void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t vocab,
+                  const int64_t* targets, AccOf<F>* logp, AccOf<F>* lse, int threads) {
   switch (active_isa()) {
 #ifdef NAPO_CPU_X86_CLONES
     case Isa::kAvx512:
-      return avx512::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse, threads);
+      return avx512::logprob_rows<F>(logits, probs, rows, vocab, targets, logp, lse, threads);
     case Isa::kAvx2:
-      return avx2::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse, threads);
+      return avx2::logprob_rows<F>(logits, probs, rows, vocab, targets, logp, lse, threads);
 #endif
     default:
-      return generic::logprob_rows<T, Acc>(logits, probs, rows, vocab, targets, logp, lse, threads);
+      return generic::logprob_rows<F>(logits, probs, rows, vocab, targets, logp, lse, threads);
   }
 }
 
-template <typename T, typename Acc>
-void logit_grad_rows(const T* in, T* out, int64_t rows, int64_t vocab, const int64_t* targets, const Acc* grad,
-                     const Acc* lse, Acc* d_bias, int threads) {
+template <class F>
+void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab,
+                     const int64_t* targets, const AccOf<F>* grad, const AccOf<F>* lse, AccOf<F>* d_bias,
+                     int threads) {
   switch (active_isa()) {
 #ifdef NAPO_CPU_X86_CLONES
     case Isa::kAvx512:
-      return avx512::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
+      return avx512::logit_grad_rows<F>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
     case Isa::kAvx2:
-      return avx2::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
+      return avx2::logit_grad_rows<F>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
 #endif
     default:
-      return generic::logit_grad_rows<T, Acc>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
+      return generic::logit_grad_rows<F>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
   }
 }
 
@@ -135,14 +133,15 @@ int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* sele
   return first_empty == batch ? -1 : first_empty;
 }
 
-#define NAPO_INSTANTIATE_ROWS(T, Acc)                                                              \
-  template void logprob_rows<T, Acc>(const T*, T*, int64_t, int64_t, const int64_t*, Acc*, Acc*, int); \
-  template void logit_grad_rows<T, Acc>(const T*, T*, int64_t, int64_t, const int64_t*, const Acc*,      \
-                                        const Acc*, Acc*, int);
-NAPO_INSTANTIATE_ROWS(float, float)
-NAPO_INSTANTIATE_ROWS(double, double)
-NAPO_INSTANTIATE_ROWS(c10::Half, float)
-NAPO_INSTANTIATE_ROWS(c10::BFloat16, float)
+#define NAPO_INSTANTIATE_ROWS(F)                                                                          \
+  template void logprob_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, const int64_t*, AccOf<F>*, \
+                                AccOf<F>*, int);                                                           \
+  template void logit_grad_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, const int64_t*,       \
+                                   const AccOf<F>*, const AccOf<F>*, AccOf<F>*, int);
+NAPO_INSTANTIATE_ROWS(Float32)
+NAPO_INSTANTIATE_ROWS(Float64)
+NAPO_INSTANTIATE_ROWS(Float16)
+NAPO_INSTANTIATE_ROWS(BFloat16)
 #undef NAPO_INSTANTIATE_ROWS
 
 template int64_t preference_rows<float>(const float*, const float*, const bool*, const float*, const float*,
