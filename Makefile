@@ -48,7 +48,8 @@ bench: setup bench-deps
 
 # End to end on the synthetic world (< 5 minutes on 2 CPU cores): untrained vs SFT vs NAPO.
 demo: setup
-	$(PY) examples/train_recommender.py --methods sft napo --quiet --out runs/demo.json
+	$(PY) examples/train_recommender.py --methods sft napo --pref-steps 200 --pref-lr 3e-3 --max-eval 300 --quiet \
+	  --out runs/demo.json
 
 # Compile every .cu file for each architecture (compile only: nothing runs without a GPU), warnings as
 # errors; then type-check the tensor-side CUDA wrappers (csrc/cuda/*.cpp) against the installed torch

@@ -231,7 +231,7 @@ def main(argv=None) -> dict:
     if untrained is not None:
         results["runs"]["untrained"] = evaluate(untrained, tok, val, template, popularity, args, "untrained")
         del untrained
-    if "sft" in args.methods or len(args.methods) == 1:
+    if "sft" in args.methods:
         results["runs"]["sft"] = evaluate(sft_model, tok, val, template, popularity, args, "sft")
         results["runs"]["sft"]["train_seconds"] = sft_seconds
     for method in args.methods:
