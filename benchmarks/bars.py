@@ -91,7 +91,15 @@ def judge(tables: list[dict], pool: dict | None) -> list[Bar]:
     if pool is not None:
         own, all_ = pool["own"], pool["all"]
         name = f"pool {own['pool']} -> {all_['pool']} negatives/prompt ({pool['variant']}): time all / own"
-        bars.append(_at_most(name, all_["row"], own["row"], "median_s", 1.05, "own-pool time"))
+        b = _at_most(name, all_["row"], own["row"], "median_s", 1.05, "own-pool time")
+        if pool.get("paired_ratio") is not None and b.measured is not None:
+            # judged on the paired per-round ratio (robust to load drifts); the ratio of medians is shown
+            b.detail = f"ratio of medians {b.measured:.3f}x"
+            b.measured, b.passed = pool["paired_ratio"], pool["paired_ratio"] <= 1.05
+        if pool.get("stage2_ms"):
+            s2 = pool["stage2_ms"]
+            b.detail += f"; stage 2 alone: {s2['own']:.2f} -> {s2['all']:.2f} ms"
+        bars.append(b)
     return bars
 
 

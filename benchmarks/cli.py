@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-logits-gib",
         type=float,
-        default=1.0,
+        default=0.6,
         help="scaling: skip all-position baselines whose full logits would exceed this",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory probes")
@@ -89,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # tables appear as cases finish, even in a log file
+    if args.device == "cpu" and args.backends and "triton" in args.backends and not args.quick:
+        print("note: triton on CPU runs under its interpreter (about 1 ms per program instance): "
+              "full shapes take very long; use --quick", file=sys.stderr)  # fmt: skip
     if args.device == "cpu" and args.backends and "triton" in args.backends:
         # Triton runs on CPU only under its interpreter, which must be chosen before triton is imported
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -159,6 +159,35 @@ def time_contenders(
     return results
 
 
+def time_stage2(shapes: list[Shape], backend: str, device: str, reps: int = 40) -> list[float]:
+    """Median time of stage 2 alone (napo-kernels' preference loss, forward + backward, on random
+    sequence scores) for each shape, interleaved: what a bigger shared pool adds to a step."""
+    import napo_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    steps = []
+    for shape in shapes:
+        chosen = torch.randn(shape.prompts, generator=gen).to(device).requires_grad_()
+        rejected = torch.randn(shape.prompts, shape.negatives, generator=gen).to(device).requires_grad_()
+
+        def step(shape=shape, chosen=chosen, rejected=rejected) -> None:
+            margin = napo_kernels.DynamicMargin(1.0) if shape.method == "napo" else None
+            out = napo_kernels.preference_loss(chosen, rejected, method=shape.method, sharing=shape.sharing,
+                                               margin_state=margin, backend=backend)  # fmt: skip
+            out.loss.backward()
+            sync(device)
+
+        step()
+        steps.append(step)
+    times: list[list[float]] = [[] for _ in shapes]
+    for _ in range(reps):
+        for k, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            times[k].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory: the child side (runs in ``python -m benchmarks.probe``) and the parent side.
 # ----------------------------------------------------------------------------------------------

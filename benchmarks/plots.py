@@ -40,6 +40,10 @@ def plot_sweep(sweep: dict, path: str) -> str | None:
             ax_t.plot(*zip(*t_pts), marker="o", label=label(name), **style)
         if m_pts:
             ax_m.plot(*zip(*m_pts), marker="o", label=label(name), **style)
+    floor = [(x, p["rows"][0]["grad_bytes"] / MIB) for x, p in zip(xs, sweep["points"]) if p["rows"]]
+    if floor:  # the gradients every contender returns: no contender can use less
+        ax_m.plot(*zip(*floor), linestyle=":", color="black", label="returned gradients (floor)")
+    ax_m.legend(fontsize=8)
     log_x = sweep["sweep"] in ("vocab", "tokens", "chunk")
     for ax, ylabel in ((ax_t, "median fwd+bwd step time (ms)"), (ax_m, "peak extra memory (MiB)")):
         ax.set_xlabel(sweep["label"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import sys
 import time
 
 import torch
@@ -15,7 +17,7 @@ from napo_kernels import dispatch
 
 from . import bars as bars_mod
 from .cases import VARIANTS, Shape, dense_shape, pool_bar_shapes, rec_shape, scaling_sweeps
-from .measure import Timed, probe_memory, time_contenders
+from .measure import Timed, first_line, probe_memory, time_contenders, time_stage2
 from .plots import plot_sweep
 from .report import format_table, machine_facts, make_rows, pick_napo, write_json
 
@@ -82,7 +84,7 @@ class Runner:
     def _budget(self, scaling: bool) -> float:
         if self.args.budget is not None:
             return self.args.budget
-        return 2.0 if self.quick else (6.0 if scaling else 15.0)
+        return 2.0 if self.quick else (5.0 if scaling else 10.0)
 
     def _skip_big(self, name: str, shape: Shape) -> str | None:
         gib = shape.all_rows * shape.vocab * 4 / 2**30
@@ -203,25 +205,30 @@ class Runner:
             disable=None,
             leave=False,
         )
-        timed = []
-        for sweep, x, v, shape, names in plan:
-            res = self._time(
-                [(n, n, shape) for n in names], bar, f"{sweep.name}={x} {v}", True, self._skip_big
-            )
-            timed.append(res)
+        # a shape that several sweeps share (the rec point) is measured once
+        first: dict[tuple, int] = {}
+        timed: list[dict[str, Timed]] = []
+        for i, (sweep, x, v, shape, names) in enumerate(plan):
+            key = (shape, tuple(names))
+            if key in first:
+                timed.append(timed[first[key]])
+            else:
+                first[key] = i
+                tag = f"{sweep.name}={x} {v}"
+                timed.append(self._time([(n, n, shape) for n in names], bar, tag, True, self._skip_big))
             bar.update()
         pool_timed = self._time_pool(variants, bar)
         memory: list[dict[str, dict]] = [{} for _ in plan]
         if not self.args.no_memory:
             for name in probe_names:
-                idx = [
-                    i for i, (*_, names) in enumerate(plan) if name in names and timed[i][name].status == "ok"
-                ]
+                idx = [i for i in first.values() if name in plan[i][4] and timed[i][name].status == "ok"]
                 if idx:
                     for i, res in zip(idx, self._probe(name, [plan[i][3] for i in idx], bar)):
                         memory[i][name] = res
                 else:
                     bar.update()
+            for i, (*_, shape, names) in enumerate(plan):
+                memory[i] = memory[first[(shape, tuple(names))]]
         pool_memory = self._probe_pool(variants, pool_timed, bar)
         bar.close()
 
@@ -261,6 +268,14 @@ class Runner:
 
     def _time_pool(self, variants: list[str], bar) -> dict[str, dict[str, Timed]]:
         out = {}
+        own, shared = pool_bar_shapes(self.quick)
+        try:
+            self.stage2_s = time_stage2(
+                [own, shared], self.auto[5:], self.device, reps=5 if self.quick else 40
+            )
+        except Exception as exc:  # reported as missing, the step timings below still run
+            print(f"stage-2 timing failed: {first_line(exc)}", file=sys.stderr)
+            self.stage2_s = None
         for v in variants:
             # the 5% bar needs more runs than the sweeps to rise above the machine's noise
             out[v] = self._time(
@@ -309,6 +324,10 @@ class Runner:
                     "row": rows[1] if rows[1]["status"] == "ok" else None,
                 },
                 "rows": rows,
+                # each round ran 'own' then 'all' back to back: the median of the per-round ratios is
+                # robust to slow drifts of the machine's load that a ratio of medians is not
+                "paired_ratio": _paired_ratio(pool_timed[v]["all"].times_s, pool_timed[v]["own"].times_s),
+                "stage2_ms": self.stage2_s and {"own": 1e3 * self.stage2_s[0], "all": 1e3 * self.stage2_s[1]},
             }
             if self.payload["pool"] is None or v == "frozen":
                 self.payload["pool"] = pool  # the bar is judged on the frozen (LoRA) step when measured
@@ -316,29 +335,39 @@ class Runner:
             print(
                 format_table(f"pool sharing at equal forward work | {entries[1][2].describe()}", rows, None)
             )
-            print()
+            ratio = "-" if pool["paired_ratio"] is None else f"{pool['paired_ratio']:.3f}x"
+            s2 = pool["stage2_ms"]
+            alone = "not measured" if s2 is None else f"{s2['own']:.2f} ms own vs {s2['all']:.2f} ms all"
+            print(f"paired time ratio all / own (median over rounds): {ratio}; stage 2 alone (the preference "
+                  f"loss fwd+bwd on the scores): {alone}\n")  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
     def _print_summary(self, judged: list[bars_mod.Bar]) -> None:
-        print("== core issue (rec): plain PyTorch vs napo-kernels")
-        for t in self.payload["tables"]:
-            if t["case"] != "rec":
-                continue
+        rec = [t for t in self.payload["tables"] if t["case"] == "rec"]
+        if rec:
+            print("== core issue (rec): plain PyTorch (TRL-style) vs napo-kernels, same inputs, fwd + bwd")
+        for t in rec:
             plain = next((r for r in t["rows"] if r["contender"] == "plain" and r["status"] == "ok"), None)
             if plain is None or t["napo"] is None:
                 print(f"  {t['variant']}: not measured (plain or napo-kernels did not run)")
                 continue
             mem = "-" if plain["mem_ratio"] is None else f"{plain['mem_ratio']:.1f}x"
             tim = "-" if plain["time_ratio"] is None else f"{plain['time_ratio']:.1f}x"
+            beyond = "-" if plain["beyond_ratio"] is None else f"{plain['beyond_ratio']:.1f}x"
             print(
-                f"  {t['variant']:9s} lm_head: {mem} less peak extra memory, {tim} less time "
-                f"({t['napo']}; {t['napo_strategy']})"
+                f"  {t['variant']:9s} lm_head: {mem} less peak extra memory ({beyond} beyond the returned "
+                f"gradients), {tim} less time\n            {t['napo']}: {t['napo_strategy']}"
             )
         print("\n== acceptance bars" + (" (QUICK shapes: figures are not meaningful)" if self.quick else ""))
         for b in judged:
             print("  " + b.line())
         if not judged:
             print("  (no bar applies to the cases run)")
+
+
+def _paired_ratio(num: list[float], den: list[float]) -> float | None:
+    pairs = [a / b for a, b in zip(num, den) if b > 0]
+    return statistics.median(pairs) if pairs else None
 
 
 def _napo_strategy(shape: Shape, device: str) -> tuple[int, str]:
