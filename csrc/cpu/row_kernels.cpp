@@ -16,13 +16,13 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define NAPO_CPU_X86_CLONES 1
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#pragma GCC target("avx2,fma")
 #define NAPO_CPU_ISA avx2
 #include "cpu/row_passes.h"
 #undef NAPO_CPU_ISA
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
 #define NAPO_CPU_ISA avx512
 #include "cpu/row_passes.h"
 #undef NAPO_CPU_ISA
