@@ -22,6 +22,7 @@ import time
 
 CASES = ("rec", "dense", "scaling")
 SWEEPS = ("pool", "vocab", "tokens", "chunk")
+BASELINES = ("plain", "sliced", "compile", "liger", "cce", "bare")  # as in benchmarks.contenders
 
 
 def _csv(text: str) -> list[str]:
@@ -82,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.case = cases
     if any(v not in ("frozen", "trainable") for v in args.variants or ()):
         p.error("--variants: choose from frozen, trainable")
+    if any(c not in BASELINES for c in args.contenders or ()):
+        p.error(f"--contenders: choose from {', '.join(BASELINES)}")
     if any(s not in SWEEPS for s in args.sweeps):
         p.error(f"--sweeps: choose from {', '.join(SWEEPS)}")
     return args

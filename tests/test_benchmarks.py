@@ -160,3 +160,20 @@ def test_cli_quick_end_to_end(tmp_path: Path) -> None:
     names = [b["name"] for b in payload["bars"]]
     assert "rec frozen: plain / napo peak extra memory" in names and any(n.startswith("pool ") for n in names)
     assert payload["pool"]["all"]["row"]["status"] == "ok"
+
+
+def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.cli import main, parse_args
+
+    for bad in (
+        ["--case", "nope"],
+        ["--contenders", "plain,nope"],
+        ["--variants", "both"],
+        ["--sweeps", "x"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(bad)
+        assert exc.value.code == 2
+    if not torch.cuda.is_available():
+        assert main(["--device", "cuda", "--quick"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
