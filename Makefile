@@ -53,7 +53,7 @@ demo: setup
 
 # Compile every .cu file for each architecture (compile only: nothing runs without a GPU), warnings as
 # errors; then type-check the tensor-side CUDA wrappers (csrc/cuda/*.cpp) against the installed torch
-# headers (the CPU wheel lacks one generated CUDA header: an empty stub stands in for it).
+# headers (the CPU wheel lacks one generated CUDA header: an empty stub, searched last, stands in).
 check-cuda: setup
 	@set -e; for arch in $(CUDA_ARCHS); do for f in csrc/cuda/*.cu; do \
 	  echo "nvcc sm_$$arch $$f"; \
@@ -65,7 +65,7 @@ check-cuda: setup
 	  print(' '.join('-I' + p for p in include_paths() + [sysconfig.get_paths()['include']]))"); \
 	for f in csrc/cuda/*.cpp; do \
 	  echo "syntax $$f"; \
-	  $(NVCC) -std=c++20 -DNAPO_WITH_CUDA -Icsrc -I$$stub $$inc -Xcompiler -fsyntax-only -c $$f -o /dev/null; \
+	  $(NVCC) -std=c++20 -DNAPO_WITH_CUDA -Icsrc $$inc -I$$stub -Xcompiler -fsyntax-only -c $$f -o /dev/null; \
 	done
 
 clean:
