@@ -104,7 +104,7 @@ def test_sft_training_lowers_the_loss(tmp_path):
     model = tiny_llama()
     ds = RecPreferenceDataset(WORLD.train[:4], num_negatives=0)
     trainer = RecommenderSFTTrainer(
-        model, targs(tmp_path, max_steps=15, learning_rate=2e-2), train_dataset=ds, processing_class=TOK
+        model, targs(tmp_path, max_steps=8, learning_rate=2e-2), train_dataset=ds, processing_class=TOK
     )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
