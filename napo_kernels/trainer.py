@@ -105,6 +105,8 @@ class _CandidateTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        if split == "train" and "loss" not in logs:  # the end-of-training summary: no step metrics
+            return super().log(logs, start_time)
         prefix = "eval_" if split == "eval" else ""
         for k, values in self._buffered[split].items():
             if values:

@@ -181,6 +181,10 @@ def test_lora_training_logs_metrics_and_moves_only_adapters(tmp_path):
         if n in base:
             assert torch.equal(p, base[n]), n
     assert float(trainer.criterion.margin.ema) != 0.0 and int(trainer.criterion.margin.steps) == 3
+    ema = float(trainer.criterion.margin.ema)
+    metrics = trainer.evaluate(RecPreferenceDataset(WORLD.val, num_negatives=3))
+    assert "eval_loss" in metrics and "eval_rewards/accuracies" in metrics
+    assert float(trainer.criterion.margin.ema) == ema  # evaluation does not move the EMA
 
 
 def test_negatives_are_resampled_each_epoch(tmp_path):
