@@ -274,23 +274,47 @@ def _additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     )
 
 
-def candidate_rows(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Run the model body on a layout batch; returns the ``[R, H]`` hidden rows at ``score_index``."""
+def candidate_rows(model: nn.Module, batch: dict[str, Tensor], *, through: nn.Module | None = None) -> Tensor:
+    """Run the model body on a layout batch; returns the ``[R, H]`` hidden rows at ``score_index``.
+
+    ``through``: a wrapper of ``model`` to run the forward through instead of calling the body
+    directly (``DistributedDataParallel``, or a model whose ``forward`` accelerate patched for
+    autocast), so that the wrapper's hooks apply: DDP averages gradients only for forwards run
+    through it. The whole causal LM then runs with ``logits_to_keep=1`` (the head on one position
+    per row) and the body's output is captured by a forward hook.
+    """
     body, _ = causal_lm_parts(model)
     mask = batch["attention_mask"]
     if mask.dim() == 4:
         mask = _additive_mask(mask, body.get_input_embeddings().weight.dtype)
-    out = body(
-        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
-    )
-    hidden = out[0]
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"])
+    if through is None:
+        hidden = body(**inputs, use_cache=False)[0]
+    else:
+        captured: list[Tensor] = []
+        hook = body.register_forward_hook(lambda _module, _args, out: captured.append(out[0]))
+        try:
+            through(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            hook.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"through: expected one call of the model body, saw {len(captured)}")
+        hidden = captured[0]
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_index"])
 
 
-def candidate_logps(model: nn.Module, batch: dict[str, Tensor], reduction: str = "sum", **kwargs) -> Tensor:
-    """``[B, C]`` candidate scores ``s(y|x)`` (0 where a candidate is absent) via the fused op."""
+def candidate_logps(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    reduction: str = "sum",
+    *,
+    through: nn.Module | None = None,
+    **kwargs,
+) -> Tensor:
+    """``[B, C]`` candidate scores ``s(y|x)`` (0 where a candidate is absent) via the fused op
+    (``through``: see :func:`candidate_rows`)."""
     _, head = causal_lm_parts(model)
-    rows = candidate_rows(model, batch)
+    rows = candidate_rows(model, batch, through=through)
     b, c = batch["candidate_mask"].shape
     return sequence_logprobs(
         rows, head.weight, batch["score_labels"], getattr(head, "bias", None),
