@@ -12,8 +12,13 @@ states and the ``lm_head`` weight (full logits are never computed), and call the
   for NAPO's similarity sharing are the mean, over the history's items, of each item title's mean
   input-token embedding (detached).
 
-Both run single-process (CPU or one GPU): the model body is called directly, outside any
-DistributedDataParallel wrapper.
+Data-parallel (``torchrun --nproc_per_node N``, gloo on CPU or NCCL on GPUs): the policy forward
+runs through the model the Trainer prepared (the ``DistributedDataParallel`` wrapper), so DDP
+averages the gradients; the preference loss shares its negatives across ranks
+(``process_group=data_parallel_group()``, opt out with ``share_across_ranks=False``), so NAPO's pool
+spans the global batch and the averaged gradient is the one of a single process holding it; the
+SFT loss divides by the global token count, for the same reason. Logged metrics are means over
+ranks.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import os
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .distributed import data_parallel_group
 from .losses import PreferenceLoss
 from .packing import CandidateCollator, candidate_logps, candidate_rows, causal_lm_parts, resolve_layout
 from .plan import METHODS
@@ -108,9 +115,18 @@ class _CandidateTrainer(Trainer):
         if split == "train" and "loss" not in logs:  # the end-of-training summary: no step metrics
             return super().log(logs, start_time)
         prefix = "eval_" if split == "eval" else ""
-        for k, values in self._buffered[split].items():
-            if values:
-                logs[prefix + k] = sum(values) / len(values)
+        totals = {k: (sum(v), len(v)) for k, v in self._buffered[split].items() if v}
+        group = data_parallel_group()
+        if group is not None:  # every rank logs the same steps (the Trainer gathers its loss here too)
+            per_rank: list = [None] * dist.get_world_size(group)
+            dist.all_gather_object(per_rank, totals, group=group)
+            totals = {}
+            for part in per_rank:
+                for k, (total, n) in part.items():
+                    acc = totals.get(k, (0.0, 0))
+                    totals[k] = (acc[0] + total, acc[1] + n)
+        for k, (total, n) in totals.items():
+            logs[prefix + k] = total / n
         self._buffered[split].clear()
         super().log(logs, start_time)
 
@@ -131,9 +147,17 @@ class RecommenderSFTTrainer(_CandidateTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         core = self._core(model)
-        logps = candidate_logps(core, inputs, reduction="sum", backend=self.backend)
+        logps = candidate_logps(core, inputs, reduction="sum", through=model, backend=self.backend)
         tokens = inputs["candidate_lengths"][:, 0].sum()
-        loss = -logps[:, 0].sum() / tokens
+        group = data_parallel_group()
+        if group is None:
+            loss = -logps[:, 0].sum() / tokens
+        else:
+            # W * (local NLL sum) / (global token count): its mean over ranks, and so DDP's averaged
+            # gradient, is the global batch's token mean, whatever each rank's answer lengths
+            tokens = tokens.detach().clone()
+            dist.all_reduce(tokens, group=group)
+            loss = -logps[:, 0].sum() * dist.get_world_size(group) / tokens.to(logps.dtype)
         self._store({"sft/nll_per_token": loss.detach(), "sft/answer_tokens": tokens}, core.training)
         return (loss, {"logps": logps}) if return_outputs else loss
 
@@ -153,6 +177,10 @@ class PreferenceTrainer(_CandidateTrainer):
             used by ``sharing="similarity"``) or ``None``.
         sft_weight: add ``sft_weight *`` the positive's mean token NLL (DMPO's released code uses 1.0).
         reduction: ``"sum"`` (sequence scores, what the papers use) or ``"mean"`` (length-normalised).
+        share_across_ranks: under ``torch.distributed`` with more than one rank, set the criterion's
+            ``process_group`` to :func:`~napo_kernels.distributed.data_parallel_group` (unless it
+            already has one), so each pool spans the negatives of the global batch. False: each rank
+            keeps its own pool (the loss is then the local mean, and DDP averages it).
     """
 
     def __init__(
@@ -171,6 +199,7 @@ class PreferenceTrainer(_CandidateTrainer):
         sft_weight: float = 0.0,
         reduction: str = "sum",
         backend: str = "auto",
+        share_across_ranks: bool = True,
         **kwargs,
     ) -> None:
         if method not in METHODS:
@@ -197,20 +226,26 @@ class PreferenceTrainer(_CandidateTrainer):
         self.sft_weight = float(sft_weight)
         super().__init__(model, args, backend=backend, **kwargs)
         self.criterion.to(self.args.device)
+        if share_across_ranks and self.criterion.process_group is None:
+            self.criterion.process_group = data_parallel_group()  # None single-process
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
 
     # -- pieces of a step -------------------------------------------------------------------
 
     @torch.no_grad()
-    def reference_logps(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor | None:
-        """``[B, C]`` reference scores, or None when reference-free."""
+    def reference_logps(
+        self, model: nn.Module, inputs: dict[str, Tensor], through: nn.Module | None = None
+    ) -> Tensor | None:
+        """``[B, C]`` reference scores, or None when reference-free. ``through``: the wrapper the
+        policy forward runs through (:func:`candidate_rows`), so that the adapters-disabled
+        reference runs under the same autocast as the policy."""
         red = self.criterion.reduction
         if self.reference == "none":
             return None
         if self.reference == "adapters":
             with model.disable_adapter():
-                return candidate_logps(model, inputs, reduction=red, backend=self.backend)
+                return candidate_logps(model, inputs, reduction=red, through=through, backend=self.backend)
         return candidate_logps(self.ref_model, inputs, reduction=red, backend=self.backend)
 
     @torch.no_grad()
@@ -231,9 +266,9 @@ class PreferenceTrainer(_CandidateTrainer):
                 "(build the dataset with num_negatives >= 1)"
             )
         self.criterion.train(core.training)  # the margin EMA moves on training steps only
-        ref = self.reference_logps(core, inputs)
+        ref = self.reference_logps(core, inputs, through=model)
         users = self.user_embeddings(core, inputs)
-        rows = candidate_rows(core, inputs)
+        rows = candidate_rows(core, inputs, through=model)
         _, head = causal_lm_parts(core)
         out = self.criterion(
             rows,
