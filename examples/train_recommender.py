@@ -11,6 +11,13 @@ the tokenizer a byte-level BPE trained on the data's own prompts and titles.
 The SFT stage trains the whole (randomly initialised) model; the preference stage trains LoRA
 adapters (peft) on top of the SFT model, whose frozen copy (adapters disabled) is the reference.
 ``sft`` in ``--methods`` reports the SFT-only model. Results go to ``--out`` as JSON and a table.
+
+Data-parallel, same script (``--batch-size`` is per process; NAPO's pool spans all processes):
+
+    torchrun --standalone --nproc_per_node 2 examples/train_recommender.py --methods napo   # CPU, gloo
+    torchrun --standalone --nproc_per_node 4 examples/train_recommender.py ...              # 4 GPUs, NCCL
+
+Every process trains; rank 0 alone builds the tokenizer, evaluates, saves and prints.
 """
 
 from __future__ import annotations
@@ -18,11 +25,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 from transformers.utils import logging as hf_logging
@@ -76,12 +86,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pref-steps", type=int, default=150)
     p.add_argument("--pref-lr", type=float, default=1e-3)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per step and process")
+    p.add_argument(
+        "--local-pool",
+        action="store_true",
+        help="under torchrun: NAPO's pool from the process's own batch only (default: the global batch)",
+    )
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--no-generation", action="store_true", help="skip the (slower) generation protocol")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/train_recommender.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--logging-steps", type=int, default=25)
     p.add_argument(
         "--threads",
         type=int,
@@ -89,6 +105,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch threads (0: torch's default); tiny models gain little from more",
     )
     return p.parse_args(argv)
+
+
+def init_distributed() -> bool:
+    """Join the process group when launched by ``torchrun``; True on rank 0 (or single-process).
+    The Trainer would create the group lazily; creating it here lets rank 0 share the tokenizer."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # generous timeout: the other ranks wait while rank 0 evaluates
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def on_rank0(fn, *args):
+    """``fn(*args)`` on rank 0, broadcast to the other ranks (which wait for it)."""
+    if not dist.is_initialized():
+        return fn(*args)
+    box = [fn(*args) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def load_data(args):
@@ -132,11 +173,12 @@ def training_args(out_dir: str, args, **kw) -> TrainingArguments:
         save_strategy="no",
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=args.quiet,
-        logging_steps=25,
+        logging_steps=args.logging_steps,
         seed=args.seed,
         lr_scheduler_type="cosine",
         warmup_steps=10,
         weight_decay=0.0,
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
         **kw,
     )
 
@@ -163,15 +205,17 @@ def evaluate(model, tok, val, template, popularity, args, label: str) -> dict:
 def sft_stage(train, template, args):
     ckpt = Path(args.sft_checkpoint) if args.sft_checkpoint else None
     if ckpt is not None and (ckpt / "config.json").exists():
-        print(f"loading the SFT checkpoint {ckpt}")
+        if args.main:
+            print(f"loading the SFT checkpoint {ckpt}")
         tok = PreTrainedTokenizerFast.from_pretrained(ckpt)
         return LlamaForCausalLM.from_pretrained(ckpt), tok, None, 0.0
     texts = [template.prompt(e.history, e.candidates) for e in train[:5000]]
     titles = sorted({t for e in train for t in (*e.history, *e.candidates)})
-    tok = train_bpe_tokenizer(texts + [template.answer(t) for t in titles], vocab_size=args.vocab_size)
+    # one tokenizer for every rank (the model's vocabulary and every rank's token ids must agree)
+    tok = on_rank0(train_bpe_tokenizer, texts + [template.answer(t) for t in titles], args.vocab_size)
     model = build_model(tok, args)
     untrained = None
-    if "untrained" not in args.skip:
+    if "untrained" not in args.skip and args.main:
         untrained = copy.deepcopy(model)
     t0 = time.time()
     trainer = RecommenderSFTTrainer(
@@ -182,7 +226,7 @@ def sft_stage(train, template, args):
     )
     trainer.train()
     seconds = time.time() - t0
-    if ckpt is not None:
+    if ckpt is not None and args.main:
         model.save_pretrained(ckpt)
         tok.save_pretrained(ckpt)
     return model, tok, untrained, seconds
@@ -205,6 +249,7 @@ def preference_stage(sft_model, tok, train, template, method: str, args):
         method=method,
         beta=args.beta,
         reference=args.reference,
+        share_across_ranks=not args.local_pool,
         train_dataset=RecPreferenceDataset(train, template, num_negatives=k, seed=args.seed),
         processing_class=tok,
     )
@@ -217,6 +262,9 @@ def preference_stage(sft_model, tok, train, template, method: str, args):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.skip = set()
+    args.main = init_distributed()
+    if not args.main:
+        args.quiet = True  # one progress bar, from rank 0
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,24 +272,36 @@ def main(argv=None) -> dict:
     template = RecPromptTemplate(domain=args.domain)
     train, val = load_data(args)
     popularity = ItemPopularity.from_examples(train)
-    print(f"data: {len(train)} train / {len(val)} eval examples, {len(popularity)} items")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if args.main:
+        sizes = f"{len(train)} train / {len(val)} eval examples, {len(popularity)} items"
+        print(f"data: {sizes}; {world} process(es)")
 
-    results: dict = {"args": {k: v for k, v in vars(args).items() if k != "skip"}, "runs": {}}
+    skip = {"skip", "main"}
+    results: dict = {"args": {k: v for k, v in vars(args).items() if k not in skip}, "runs": {}}
+    results["args"]["world_size"] = world
     sft_model, tok, untrained, sft_seconds = sft_stage(train, template, args)
     if untrained is not None:
         results["runs"]["untrained"] = evaluate(untrained, tok, val, template, popularity, args, "untrained")
         del untrained
-    if "sft" in args.methods:
+    if "sft" in args.methods and args.main:
         results["runs"]["sft"] = evaluate(sft_model, tok, val, template, popularity, args, "sft")
         results["runs"]["sft"]["train_seconds"] = sft_seconds
     for method in args.methods:
         if method == "sft":
             continue
+        barrier()  # the other ranks wait for rank 0's evaluation before the next collectives
         model, seconds, k, last = preference_stage(sft_model, tok, train, template, method, args)
-        res = evaluate(model, tok, val, template, popularity, args, method)
-        res |= {"train_seconds": seconds, "steps": args.pref_steps, "K": k, "last_log": last}
-        results["runs"][method] = res
+        if args.main:
+            res = evaluate(model, tok, val, template, popularity, args, method)
+            res |= {"train_seconds": seconds, "steps": args.pref_steps, "K": k, "last_log": last}
+            results["runs"][method] = res
         del model
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if not args.main:
+        return results
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
