@@ -180,7 +180,7 @@ class PreferenceTrainer(_CandidateTrainer):
         share_across_ranks: under ``torch.distributed`` with more than one rank, set the criterion's
             ``process_group`` to :func:`~napo_kernels.distributed.data_parallel_group` (unless it
             already has one), so each pool spans the negatives of the global batch. False: each rank
-            keeps its own pool (the loss is then the local mean, and DDP averages it).
+            keeps its own pool and its own margin EMA (the loss is the local mean; DDP averages it).
     """
 
     def __init__(
