@@ -40,12 +40,14 @@ def require_shape(name: str, x: Tensor, shape: tuple[int, ...], what: str = "") 
 
 
 def require_finite(name: str, x: Tensor | None) -> None:
-    if x is None:
+    if x is None or x.numel() == 0:
         return
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        where = torch.nonzero(bad)[0].tolist()
-        raise ValueError(f"{name} has a non-finite value ({x[tuple(where)].item()}) at index {where}")
+    # One reduction pass without a temporary: min/max propagate NaN and expose +-inf.
+    lo, hi = torch.aminmax(x.detach().reshape(-1))
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return
+    where = torch.nonzero(~torch.isfinite(x.detach()))[0].tolist()
+    raise ValueError(f"{name} has a non-finite value ({x[tuple(where)].item()}) at index {where}")
 
 
 def require_positive(name: str, value: float) -> None:
