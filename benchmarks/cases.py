@@ -159,8 +159,8 @@ def scaling_sweeps(quick: bool) -> list[Sweep]:
     if quick:
         ks, vocabs, prompts, chunks = (1, 2), (128, 256), (4, 8), (8, 16)
     else:
-        ks, vocabs = (1, 3, 7, 11, 15, 19), (8192, 16384, 32000, 65536, 131072)
-        prompts, chunks = (32, 64, 128, 256, 512), (16, 32, 64, 128, 256, 512)
+        ks, vocabs = (1, 3, 7, 11, 19), (8192, 16384, 32000, 65536, 131072)
+        prompts, chunks = (32, 128, 512), (16, 32, 64, 128, 256, 512)
     return [
         Sweep("pool", "own negatives K per prompt (shared pool = B*K)",
               tuple((k, replace(base, negatives=k)) for k in ks)),

@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory probes")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--replot", metavar="JSON", default=None,
+                   help="only redraw the PNG plots of a saved run (its bench-*.json) and exit")  # fmt: skip
     args = p.parse_args(argv)
     cases = CASES if "all" in args.case else tuple(args.case)
     bad = [c for c in cases if c not in CASES]
@@ -92,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return _replot(args.replot)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # tables appear as cases finish, even in a log file
     if args.device == "cpu" and args.backends and "triton" in args.backends and not args.quick:
@@ -112,4 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args, argv if argv is not None else sys.argv[1:])
     runner.run()
     print(f"\nbenchmark finished in {time.perf_counter() - start:.0f} s; results: {runner.json_path}")
+    return 0
+
+
+def _replot(path: str) -> int:
+    import json
+
+    from .plots import plot_sweep
+
+    with open(path) as f:
+        payload = json.load(f)
+    stem = path[: -len(".json")] if path.endswith(".json") else path
+    for entry in payload.get("scaling", []):
+        out = plot_sweep(entry, f"{stem}-scaling-{entry['sweep']}-{entry['variant']}.png")
+        print(out or "matplotlib is not installed")
     return 0

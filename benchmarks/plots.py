@@ -7,6 +7,9 @@ import os
 from .contenders import label
 
 MIB = 2**20
+# one colour per contender in every plot, so the same line reads the same across sweeps
+COLORS = {"sliced": "C0", "plain": "C1", "napo-torch": "C2", "napo-cpp": "C3", "compile": "C4", "liger": "C5",
+          "cce": "C6", "bare": "grey", "napo-cuda": "C8", "napo-triton": "C9"}  # fmt: skip
 
 
 def plot_sweep(sweep: dict, path: str) -> str | None:
@@ -33,9 +36,9 @@ def plot_sweep(sweep: dict, path: str) -> str | None:
             t_pts.append((x, 1e3 * r["median_s"]))
             if r.get("peak_bytes") is not None:
                 m_pts.append((x, max(r["peak_bytes"], 1) / MIB))
-        style = {"linestyle": "--", "color": "grey"} if name == "bare" else {}
-        if name.startswith("napo-"):
-            style = {"linewidth": 2.5}
+        style = {"color": COLORS.get(name, "black"), "linewidth": 2.5 if name.startswith("napo-") else 1.5}
+        if name == "bare":
+            style["linestyle"] = "--"
         if t_pts:
             ax_t.plot(*zip(*t_pts), marker="o", label=label(name), **style)
         if m_pts:

@@ -157,6 +157,11 @@ def test_cli_quick_end_to_end(tmp_path: Path) -> None:
     assert sweep["sweep"] == "pool" and len(sweep["points"]) == 2
     png = Path(sweep["plot"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    from benchmarks.cli import main
+
+    assert main(["--replot", str(result)]) == 0  # the plots can be redrawn from the saved JSON alone
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     names = [b["name"] for b in payload["bars"]]
     assert "rec frozen: plain / napo peak extra memory" in names and any(n.startswith("pool ") for n in names)
     assert payload["pool"]["all"]["row"]["status"] == "ok"
