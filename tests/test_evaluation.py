@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama as build_tiny_llama
+from transformers import LlamaForCausalLM
 
 from napo_kernels import reference
 from napo_kernels.data import (
@@ -51,20 +52,7 @@ TOK = train_bpe_tokenizer([T.prompt(e.history, e.candidates) for e in WORLD.trai
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(1)
-    cfg = LlamaConfig(
-        vocab_size=len(TOK),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=TOK.pad_token_id,
-        bos_token_id=TOK.bos_token_id,
-        eos_token_id=TOK.eos_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return build_tiny_llama(TOK, seed=1).eval()
 
 
 MODEL = tiny_llama()

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from tiny_models import tiny_llama as build_tiny_llama
+from transformers import LlamaForCausalLM, TrainingArguments
 
 from napo_kernels import reference
 from napo_kernels.data import RecPreferenceDataset, generate_world, train_bpe_tokenizer
@@ -33,20 +34,7 @@ TOK = train_bpe_tokenizer(TEMPLATE_TEXT * 3, vocab_size=320)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(TOK),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=TOK.pad_token_id,
-        bos_token_id=TOK.bos_token_id,
-        eos_token_id=TOK.eos_token_id,
-    )
-    return LlamaForCausalLM(cfg)
+    return build_tiny_llama(TOK, seed)
 
 
 def lora(model, random_b: bool = True):
