@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawn_ranks import free_port, run_ranks
 
 import napo_kernels as nk
 from napo_kernels.distributed import all_gather_rows, data_parallel_group, preference_loss_across_ranks
@@ -329,29 +329,13 @@ def _run_rank(rank: int, world: int, spec: dict) -> dict:
     return results
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, spec: dict, tmp_path) -> list[dict]:
     spec_path = str(tmp_path / "spec.pt")
     torch.save(spec, spec_path)
     # forkserver: torch and the custom-op machinery are imported once in the server, not in every rank
     mp.set_forkserver_preload(["torch", "torch._dynamo", "napo_kernels", "napo_kernels.distributed"])
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), spec_path, str(tmp_path)), nprocs=world,
-                             join=False, start_method="forkserver")  # fmt: skip
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world}-process world did not finish within {SPAWN_TIMEOUT_S} s (a rank hangs)")
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for r, res in enumerate(results):
-        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
-    return results
+    args = (world, free_port(), spec_path, str(tmp_path))
+    return run_ranks(_worker, world, args, tmp_path, SPAWN_TIMEOUT_S, f"{world}-process world")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
+from spawn_ranks import free_port, run_ranks
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -155,12 +154,6 @@ def _worker(rank: int, world: int, port: int, tok_dir: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trainer_ddp")
@@ -170,17 +163,8 @@ def runs(tmp_path_factory):
     train_bpe_tokenizer(texts * 3, vocab_size=320).save_pretrained(tok_dir)  # one vocabulary for all
 
     t0 = time.perf_counter()
-    ctx = mp.start_processes(_worker, args=(WORLD_SIZE, _free_port(), tok_dir, str(tmp)), nprocs=WORLD_SIZE,
-                             join=False, start_method="forkserver")  # fmt: skip
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{WORLD_SIZE}-process training did not finish in {SPAWN_TIMEOUT_S} s (a rank hangs)")
-    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
-    for r, res in enumerate(ranks):
-        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
+    args = (WORLD_SIZE, free_port(), tok_dir, str(tmp))
+    ranks = run_ranks(_worker, WORLD_SIZE, args, tmp, SPAWN_TIMEOUT_S, f"{WORLD_SIZE}-process training")
     t1 = time.perf_counter()
     single = _train(tok_dir, str(tmp / "single"), world=1)
     pools = {name: ranks[0][name]["logs"][0]["pool/size"] for name in ("napo", "napo_local")}
