@@ -8,6 +8,9 @@ the torch backend plus a margin" rule against that ground truth.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -83,7 +86,24 @@ def _no_worse(got, twin, truth, dtype, margin=1e-3):
     assert _err(got, truth) <= 2 * _err(twin, truth) + margin * scale, (_err(got, truth), _err(twin, truth))
 
 
+@contextlib.contextmanager
+def vocab_tile(width: int | None):
+    """Caps the CPU kernel's vocabulary tile (csrc/cpu/tiled_linear.h; None: its default of 512
+    columns, so these small vocabularies take the untiled loop). Narrow tiles make small vocabularies
+    cross many tile borders, with a ragged last tile and, for wide tiles, several row chunks."""
+    old = os.environ.pop("NAPO_KERNELS_CPU_VOCAB_TILE", None)
+    if width is not None:
+        os.environ["NAPO_KERNELS_CPU_VOCAB_TILE"] = str(width)
+    try:
+        yield
+    finally:
+        os.environ.pop("NAPO_KERNELS_CPU_VOCAB_TILE", None)
+        if old is not None:
+            os.environ["NAPO_KERNELS_CPU_VOCAB_TILE"] = old
+
+
 shapes = dict(
+    tile=st.sampled_from([None, 1, 7, 64]),
     rows=st.integers(1, 23),
     width=st.integers(1, 37),
     vocab=st.integers(1, 301),
@@ -96,10 +116,11 @@ shapes = dict(
 
 @SETTINGS
 @given(**shapes, compute_expected=st.booleans())
-def test_linear_forward(rows, width, vocab, chunk_extra, with_bias, dtype, seed, compute_expected):
+def test_linear_forward(tile, rows, width, vocab, chunk_extra, with_bias, dtype, seed, compute_expected):
     chunk = 1 + chunk_extra % (rows + 3)  # 1 .. rows + 3
     hidden, weight, bias, targets, _ = _problem(rows, width, vocab, dtype, with_bias, seed)
-    got = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, compute_expected)
+    with vocab_tile(tile):
+        got = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, compute_expected)
     twin = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, compute_expected)
     truth = _truth(hidden, weight, bias, targets, torch.zeros(rows, dtype=_acc(dtype)))
     for g, t in zip(got[:2], twin[:2]):
@@ -118,13 +139,14 @@ def test_linear_forward(rows, width, vocab, chunk_extra, with_bias, dtype, seed,
 
 @SETTINGS
 @given(**shapes, need=st.tuples(st.booleans(), st.booleans(), st.booleans()))
-def test_linear_backward(rows, width, vocab, chunk_extra, with_bias, dtype, seed, need):
+def test_linear_backward(tile, rows, width, vocab, chunk_extra, with_bias, dtype, seed, need):
     chunk = 1 + chunk_extra % (rows + 3)
     need_hidden, need_weight, need_bias = need
     hidden, weight, bias, targets, grad = _problem(rows, width, vocab, dtype, with_bias, seed)
     lse = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, False)[1]
     args = (grad, hidden, weight, bias, targets, lse, chunk, need_hidden, need_weight, need_bias)
-    got = cpp.linear_logprobs_bwd(*args)
+    with vocab_tile(tile):
+        got = cpp.linear_logprobs_bwd(*args)
     twin = torch_chunked.linear_logprobs_bwd(*args)
     truth = _truth(hidden, weight, bias, targets, grad)
     names = ("d_hidden", "d_weight", "d_bias")
@@ -213,9 +235,10 @@ def test_preference_matches_torch_and_reference(batch, pool, agg, dtype, seed):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("tile", [None, 4, 12])  # untiled; 4 tiles in one chunk; 2 tiles x 3 chunks
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_gradcheck_linear(with_bias, frozen):
+def test_gradcheck_linear(with_bias, frozen, tile):
     hidden, weight, bias, targets, _ = _problem(7, 5, 13, torch.float64, with_bias, seed=3)
     hidden.requires_grad_(True)
     if not frozen:
@@ -226,7 +249,8 @@ def test_gradcheck_linear(with_bias, frozen):
     def f(h, w, b):
         return linear_logprobs(h, w, b, targets, 3, frozen, "cpp")[0]
 
-    assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+    with vocab_tile(tile):
+        assert torch.autograd.gradcheck(f, (hidden, weight, bias))
 
 
 def test_gradcheck_logits_and_preference():
@@ -283,6 +307,36 @@ def test_huge_logits_do_not_overflow(dtype):
         assert torch.isfinite(x).all()
     assert _err(logp, truth["logp"]) <= 1e-6 * 1e4
     assert _err(d[0], truth["d_hidden"]) <= 1e-4 * max(truth["d_hidden"].abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_vocab_tiles_follow_a_moving_row_max(dtype):
+    """The tiled forward sums each row against a running max: rows whose max sits in a later tile
+    (so the frozen head's sum is rescaled), a wholly masked (-inf) first tile, a masked stretch
+    across tile borders and logits ~1e3 apart all match the untiled torch backend."""
+    vocab, rows = 23, 6
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    hidden[0, 21], hidden[1, 2], hidden[2, 9] = 30.0, 30.0, 1e3 if dtype != torch.float16 else 300.0
+    hidden[3] = torch.linspace(-20, 20, vocab)  # the max moves at every tile
+    bias = torch.zeros(vocab, dtype=torch.float64)
+    bias[:4] = float("-inf")  # the first tile (width 4) is masked in every row
+    bias[10:15] = float("-inf")
+    hidden, weight, bias = hidden.to(dtype), torch.eye(vocab, dtype=dtype), bias.to(dtype)
+    targets = torch.tensor([21, 5, 9, 22, 4, 16])
+    grad = torch.randn(rows, generator=gen, dtype=_acc(dtype))
+    twin = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, 2, True)
+    args = (grad, hidden, weight, bias, targets, twin[1], 2, True, True, True)
+    twin_grads = torch_chunked.linear_logprobs_bwd(*args)
+    with vocab_tile(4):
+        got = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 2, True)
+        grads = cpp.linear_logprobs_bwd(*args)
+    for g, t in zip(got[:2], twin[:2]):
+        _close_twin(g, t, dtype, TWIN_TOL[dtype])
+    for g, t in zip((got[2], *grads), (twin[2], *twin_grads)):
+        assert torch.isfinite(g).all()
+        _close_twin(g, t, dtype, GRAD_TWIN_RTOL[dtype])
+    assert (got[2][:, :4] == 0).all() and (got[2][:, 10:15] == 0).all()  # masked: probability 0
 
 
 def test_masked_vocabulary_and_nan_rows():

@@ -96,6 +96,27 @@ def test_low_precision_allocations_do_not_grow_with_rows(backend):
     assert largest[0] <= 3 * BLOCK < FULL
 
 
+def test_cpu_kernel_works_in_the_block_it_reports():
+    """The C++ CPU kernel reshapes the ``[chunk, V]`` budget into vocabulary tiles; the largest
+    allocation of its forward is exactly the block ``cpu_block_shape`` reports (the benchmark's
+    description of the strategy relies on it), and within the budget."""
+    cpp = pytest.importorskip("napo_kernels.kernels.cpp", reason="C++ extension not built")
+    hidden, weight, labels = problem(torch.float32)
+    rows = hidden.shape[:3].numel()
+    targets = labels.reshape(-1)
+    for chunk in (1, 5, CHUNK, 300):
+        block_rows, width = cpp.cpu_block_shape(rows, V, chunk)
+        largest, _ = allocations(
+            lambda c=chunk: cpp.linear_logprobs_fwd(hidden.reshape(rows, H), weight, None, targets, c, False)
+        )
+        assert largest == block_rows * width * 4 <= min(chunk, rows) * V * 4, (
+            chunk,
+            largest,
+            block_rows,
+            width,
+        )
+
+
 def test_plain_logits_exceed_the_bound():
     """The control: materialising the logits allocates ``[rows, V]`` at once, so the bound above is
     a real constraint (a fused path that fell back to plain logits would fail it)."""

@@ -1,5 +1,6 @@
-// CPU implementations of the napo_C ops: the shared chunk loop (chunked_linear.h) with the OpenMP
-// row passes of row_kernels.cpp, and stage 2.
+// CPU implementations of the napo_C ops: stage 1 as vocabulary-tiled blocks (cpu/tiled_linear.h)
+// or, when one tile spans the vocabulary, the chunk loop shared with CUDA (chunked_linear.h), both
+// with the OpenMP row passes of row_kernels.cpp; and stage 2.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -7,6 +8,7 @@
 
 #include "chunked_linear.h"
 #include "cpu/row_kernels.h"
+#include "cpu/tiled_linear.h"
 
 namespace napo {
 namespace {
@@ -55,19 +57,76 @@ struct CpuPasses {
     });
   }
 
+  static void logprob_tile_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
+                                int64_t offset, at::Tensor run_max, at::Tensor run_sum, at::Tensor target_logit,
+                                at::Tensor scale) {
+    with_format(logits.scalar_type(), [&](auto format) {
+      using F = decltype(format);
+      using T = typename F::storage;
+      using Acc = typename F::acc;
+      cpu::logprob_tile_rows<F>(static_cast<const T*>(logits.const_data_ptr()),
+                                probs.defined() ? static_cast<T*>(probs.mutable_data_ptr()) : nullptr, logits.size(0),
+                                logits.size(1), offset, targets.const_data_ptr<int64_t>(),
+                                run_max.mutable_data_ptr<Acc>(), run_sum.mutable_data_ptr<Acc>(),
+                                target_logit.mutable_data_ptr<Acc>(), scale.mutable_data_ptr<Acc>(), team_size());
+    });
+  }
+
+  // rows[r, :] *= scale[r] where scale[r] != 1 (a running max moved: rare after the first tiles)
+  static void rescale_rows(at::Tensor rows, const at::Tensor& scale) {
+    AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "napo_rescale_rows", [&] {
+      const scalar_t* s = scale.const_data_ptr<scalar_t>();
+      scalar_t* x = rows.mutable_data_ptr<scalar_t>();
+      const int64_t n = rows.size(0), width = rows.size(1), stride = rows.stride(0);
+      for (int64_t r = 0; r < n; ++r)
+        if (s[r] != scalar_t(1))
+          for (int64_t j = 0; j < width; ++j) x[r * stride + j] *= s[r];
+    });
+  }
+
+  // `offset`: the vocabulary entry of column 0 (a tile's start; 0 for whole rows)
   static void logit_grad_rows(const at::Tensor& in, const at::Tensor& out, const at::Tensor& targets,
-                              const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& d_bias) {
+                              const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& d_bias,
+                              int64_t offset = 0) {
     with_format(in.scalar_type(), [&](auto format) {
       using F = decltype(format);
       using T = typename F::storage;
       using Acc = typename F::acc;
       cpu::logit_grad_rows<F>(static_cast<const T*>(in.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()),
-                              in.size(0), in.size(1), targets.const_data_ptr<int64_t>(), grad.const_data_ptr<Acc>(),
-                              lse.const_data_ptr<Acc>(), d_bias.defined() ? d_bias.mutable_data_ptr<Acc>() : nullptr,
-                              team_size());
+                              in.size(0), in.size(1), offset, targets.const_data_ptr<int64_t>(),
+                              grad.const_data_ptr<Acc>(), lse.const_data_ptr<Acc>(),
+                              d_bias.defined() ? d_bias.mutable_data_ptr<Acc>() : nullptr, team_size());
     });
   }
 };
+
+// Stage 1 entry points: vocabulary tiles when the vocabulary is wider than one tile.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(const at::Tensor& hidden,
+                                                                       const at::Tensor& weight,
+                                                                       const std::optional<at::Tensor>& bias,
+                                                                       const at::Tensor& targets, int64_t chunk_size,
+                                                                       bool compute_expected) {
+  check_linear("napo_C::linear_logprobs_fwd", hidden, weight, bias, targets, chunk_size);
+  const cpu::TilePlan plan = cpu::plan_tiles(hidden.size(0), weight.size(0), chunk_size);
+  if (!plan.tiled) return linear_logprobs_fwd<CpuPasses>(hidden, weight, bias, targets, chunk_size, compute_expected);
+  return cpu::tiled_linear_fwd<CpuPasses>(hidden, weight, bias, targets, plan, compute_expected);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& lse, int64_t chunk_size, bool need_hidden, bool need_weight,
+    bool need_bias) {
+  const char* op = "napo_C::linear_logprobs_bwd";
+  check_linear(op, hidden, weight, bias, targets, chunk_size);
+  check_row_vector(op, "grad", grad, hidden);
+  check_row_vector(op, "lse", lse, hidden);
+  const cpu::TilePlan plan = cpu::plan_tiles(hidden.size(0), weight.size(0), chunk_size);
+  if (!plan.tiled)
+    return linear_logprobs_bwd<CpuPasses>(grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden,
+                                          need_weight, need_bias);
+  return cpu::tiled_linear_bwd<CpuPasses>(grad, hidden, weight, bias, targets, lse, plan, need_hidden, need_weight,
+                                          need_bias);
+}
 
 std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, const at::Tensor& rejected_in,
                                                   const at::Tensor& select_in, const at::Tensor& coef_in,
@@ -94,8 +153,8 @@ std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, c
 }  // namespace napo
 
 TORCH_LIBRARY_IMPL(napo_C, CPU, m) {
-  m.impl("linear_logprobs_fwd", &napo::linear_logprobs_fwd<napo::CpuPasses>);
-  m.impl("linear_logprobs_bwd", &napo::linear_logprobs_bwd<napo::CpuPasses>);
+  m.impl("linear_logprobs_fwd", &napo::linear_logprobs_fwd_cpu);
+  m.impl("linear_logprobs_bwd", &napo::linear_logprobs_bwd_cpu);
   m.impl("logits_logprobs_fwd", &napo::logits_logprobs_fwd<napo::CpuPasses>);
   m.impl("logits_logprobs_bwd", &napo::logits_logprobs_bwd<napo::CpuPasses>);
   m.impl("preference_fwd", &napo::preference_fwd);

@@ -79,18 +79,37 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
 }
 
 template <class F>
-void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab,
+void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width, int64_t offset,
+                       const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum, AccOf<F>* target_logit,
+                       AccOf<F>* scale, int threads) {
+  switch (active_isa()) {
+#ifdef NAPO_CPU_X86_CLONES
+    case Isa::kAvx512:
+      return avx512::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum,
+                                          target_logit, scale, threads);
+    case Isa::kAvx2:
+      return avx2::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum, target_logit,
+                                        scale, threads);
+#endif
+    default:
+      return generic::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum,
+                                           target_logit, scale, threads);
+  }
+}
+
+template <class F>
+void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab, int64_t offset,
                      const int64_t* targets, const AccOf<F>* grad, const AccOf<F>* lse, AccOf<F>* d_bias,
                      int threads) {
   switch (active_isa()) {
 #ifdef NAPO_CPU_X86_CLONES
     case Isa::kAvx512:
-      return avx512::logit_grad_rows<F>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
+      return avx512::logit_grad_rows<F>(in, out, rows, vocab, offset, targets, grad, lse, d_bias, threads);
     case Isa::kAvx2:
-      return avx2::logit_grad_rows<F>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
+      return avx2::logit_grad_rows<F>(in, out, rows, vocab, offset, targets, grad, lse, d_bias, threads);
 #endif
     default:
-      return generic::logit_grad_rows<F>(in, out, rows, vocab, targets, grad, lse, d_bias, threads);
+      return generic::logit_grad_rows<F>(in, out, rows, vocab, offset, targets, grad, lse, d_bias, threads);
   }
 }
 
@@ -136,7 +155,9 @@ int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* sele
 #define NAPO_INSTANTIATE_ROWS(F)                                                                          \
   template void logprob_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, const int64_t*, AccOf<F>*, \
                                 AccOf<F>*, int);                                                           \
-  template void logit_grad_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, const int64_t*,       \
+  template void logprob_tile_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t,            \
+                                     const int64_t*, AccOf<F>*, AccOf<F>*, AccOf<F>*, AccOf<F>*, int);     \
+  template void logit_grad_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t, const int64_t*, \
                                    const AccOf<F>*, const AccOf<F>*, AccOf<F>*, int);
 NAPO_INSTANTIATE_ROWS(Float32)
 NAPO_INSTANTIATE_ROWS(Float64)

@@ -19,11 +19,22 @@ template <class F>
 void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t vocab,
                   const int64_t* targets, AccOf<F>* logp, AccOf<F>* lse, int threads);
 
-// Backward over a [rows, vocab] block: out[r, v] = grad[r] * ([v == y_r] - exp(in[r, v] - lse[r]))
-// (`out` may be `in`). When `d_bias` is not null, d_bias[v] += sum_r of those values, summed in
+// Online forward over one vocabulary tile [rows, width], columns offset .. offset + width of the
+// full rows: merges the tile into the running (run_max, run_sum) of each row, sets target_logit[r]
+// when y_r falls in the tile, writes exp(x - new max) into `probs` when not null (may be `logits`)
+// and scale[r] = exp(old max - new max) (1 when the max did not move): the factor by which anything
+// summed against the old max must be multiplied. After the last tile lse = max + log(sum).
+template <class F>
+void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width, int64_t offset,
+                       const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum, AccOf<F>* target_logit,
+                       AccOf<F>* scale, int threads);
+
+// Backward over a [rows, vocab] block whose column 0 is vocabulary entry `offset` (0 for whole
+// rows, the tile start for a vocabulary tile):
+// out[r, v] = grad[r] * ([offset + v == y_r] - exp(in[r, v] - lse[r])) (`out` may be `in`). When `d_bias` is not null, d_bias[v] += sum_r of those values, summed in
 // the accumulation type before they are rounded for storage, in a fixed order (bitwise reproducible).
 template <class F>
-void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab,
+void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab, int64_t offset,
                      const int64_t* targets, const AccOf<F>* grad, const AccOf<F>* lse, AccOf<F>* d_bias,
                      int threads);
 

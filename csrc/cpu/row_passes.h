@@ -13,8 +13,9 @@ namespace napo::cpu::NAPO_CPU_ISA {
 
 // Elements per partial of the row log-sum-exp (the block is re-read from L1 for the exp sum).
 constexpr int64_t kRowBlock = 1024;
-// Columns per task of the backward pass (rows inner: each column is owned by one thread).
-constexpr int64_t kColBlock = 512;
+// Columns per span of the backward pass (with a bias gradient, per task: rows inner, so each column
+// is owned by one thread). Small enough that a 512-wide vocabulary tile still splits over threads.
+constexpr int64_t kColBlock = 128;
 // Below this many elements a pass runs on one thread (thread start-up would dominate).
 constexpr int64_t kParallelMin = 1 << 15;
 
@@ -62,38 +63,94 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
   }
 }
 
+// One vocabulary tile [rows, width] (columns offset .. offset + width of the full rows) of the
+// online forward: merges the tile into each row's running (max, sum), picks up the target's logit
+// when it falls in the tile, writes exp(x - new max) into `probs` when not null (may be `logits`)
+// and scale[r] = exp(old max - new max), the factor for whatever was summed against the old max.
 template <class F>
-void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab,
-                     const int64_t* targets, const AccOf<F>* grad, const AccOf<F>* lse, AccOf<F>* d_bias,
-                     int threads) {
+void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width, int64_t offset,
+                       const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum, AccOf<F>* target_logit,
+                       AccOf<F>* scale, int threads) {
   using T = Storage<F>;
   using Acc = AccOf<F>;
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * width >= kParallelMin && rows > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* x = logits + r * width;
+    LsePair<Acc> tile = lse_empty<Acc>();
+    for (int64_t lo = 0; lo < width; lo += kRowBlock)
+      tile = lse_merge(tile, block_lse<F>(x + lo, std::min(kRowBlock, width - lo)));
+    const Acc old_max = run_max[r];
+    const LsePair<Acc> merged = lse_merge(LsePair<Acc>{old_max, run_sum[r]}, tile);
+    // equal maxima (including both -inf: nothing summed yet) need no rescaling
+    scale[r] = merged.max == old_max ? Acc(1) : exp_acc(old_max - merged.max);
+    run_max[r] = merged.max;
+    run_sum[r] = merged.sum;
+    const int64_t y = targets[r] - offset;
+    if (0 <= y && y < width) target_logit[r] = F::load(x[y]);
+    if (probs != nullptr) {
+      T* p = probs + r * width;
+      // all -inf so far: probability 0 (exp(-inf - -inf) would be NaN); the max stays finite after
+      const Acc m = merged.max;
+      if (m == neg_inf<Acc>()) {
+        for (int64_t v = 0; v < width; ++v) p[v] = F::store(Acc(0));
+        continue;
+      }
+#pragma omp simd
+      for (int64_t v = 0; v < width; ++v) p[v] = F::store(softmax_prob(F::load(x[v]), m));
+    }
+  }
+}
+
+// The gradient of `len` columns of one row (see logit_grad_rows), y the target's column among
+// them or -1; the values are also added to bias_sum when it is not null.
+template <class F>
+inline void logit_grad_span(const Storage<F>* x, Storage<F>* o, int len, int y, AccOf<F> g, AccOf<F> row_lse,
+                            AccOf<F>* bias_sum) {
+  using Acc = AccOf<F>;
+  Acc d[kColBlock];  // two simple loops vectorise where one fused loop does not (fp16 stores)
+#pragma omp simd
+  for (int v = 0; v < len; ++v) d[v] = logit_grad(g, v == y, F::load(x[v]), row_lse);
+  if (bias_sum != nullptr) {
+#pragma omp simd
+    for (int v = 0; v < len; ++v) bias_sum[v] += d[v];
+  }
+#pragma omp simd
+  for (int v = 0; v < len; ++v) o[v] = F::store(d[v]);
+}
+
+template <class F>
+void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab, int64_t offset,
+                     const int64_t* targets, const AccOf<F>* grad, const AccOf<F>* lse, AccOf<F>* d_bias,
+                     int threads) {
+  using Acc = AccOf<F>;
   const int64_t blocks = (vocab + kColBlock - 1) / kColBlock;
+  // the target's column within block [lo, lo + len), -1 when outside (32-bit: cheap vector compares)
+  auto target_in = [&](int64_t r, int64_t lo, int64_t len) {
+    const int64_t y = targets[r] - offset - lo;
+    return 0 <= y && y < len ? static_cast<int>(y) : -1;
+  };
+  if (d_bias == nullptr) {  // every (row, column block) span is independent: split them all
+    const int64_t spans = rows * blocks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * vocab >= kParallelMin && spans > 1)
+    for (int64_t i = 0; i < spans; ++i) {
+      const int64_t r = i / blocks, lo = (i % blocks) * kColBlock;
+      const int len = static_cast<int>(std::min(kColBlock, vocab - lo));
+      logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, target_in(r, lo, len), grad[r], lse[r],
+                         nullptr);
+    }
+    return;
+  }
+  // with the bias gradient: each column block is owned by one thread, rows summed in order
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * vocab >= kParallelMin && blocks > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t lo = b * kColBlock;
     const int len = static_cast<int>(std::min(kColBlock, vocab - lo));
     Acc bias_sum[kColBlock] = {};
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* x = in + r * vocab + lo;
-      T* o = out + r * vocab + lo;
-      const Acc g = grad[r];
-      const Acc row_lse = lse[r];
-      // the target's column within this block, -1 when outside (32-bit: cheap vector compares)
-      const int y = targets[r] >= lo && targets[r] < lo + len ? static_cast<int>(targets[r] - lo) : -1;
-      Acc d[kColBlock];  // two simple loops vectorise where one fused loop does not (fp16 stores)
+    for (int64_t r = 0; r < rows; ++r)
+      logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, target_in(r, lo, len), grad[r], lse[r],
+                         bias_sum);
 #pragma omp simd
-      for (int v = 0; v < len; ++v) {
-        d[v] = logit_grad(g, v == y, F::load(x[v]), row_lse);
-        bias_sum[v] += d[v];
-      }
-#pragma omp simd
-      for (int v = 0; v < len; ++v) o[v] = F::store(d[v]);
-    }
-    if (d_bias != nullptr) {
-#pragma omp simd
-      for (int v = 0; v < len; ++v) d_bias[lo + v] += bias_sum[v];
-    }
+    for (int v = 0; v < len; ++v) d_bias[lo + v] += bias_sum[v];
   }
 }
 

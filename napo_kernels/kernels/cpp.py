@@ -18,6 +18,20 @@ from .torch_chunked import acc_dtype
 
 _ops = torch.ops.napo_C
 
+# The CPU kernel's vocabulary tiling (csrc/cpu/tiled_linear.h), mirrored for reports and tests.
+CPU_VOCAB_TILE = 512
+CPU_MAX_CHUNK_ROWS = 1024
+
+
+def cpu_block_shape(rows: int, vocab: int, chunk_size: int) -> tuple[int, int]:
+    """``(rows, columns)`` of the logits block the CPU kernel works in for a ``[chunk_size, V]``
+    budget: the whole vocabulary when it fits one 512-column tile, else the budget reshaped into
+    tiles of up to 1024 rows x 512 columns (never fewer rows than ``chunk_size``)."""
+    if vocab <= CPU_VOCAB_TILE:
+        return min(chunk_size, rows), vocab
+    chunk = max(1, min(chunk_size, rows))
+    return min(max(chunk, min(CPU_MAX_CHUNK_ROWS, chunk * (vocab // CPU_VOCAB_TILE))), rows), CPU_VOCAB_TILE
+
 
 def linear_logprobs_fwd(
     hidden: Tensor,
