@@ -170,17 +170,25 @@ def _prepare_liger(shape: Shape, x: Inputs) -> Prepared:
     return Prepared(run, grads, reset, "compiled=True, chunk_size=1 pair", leaves)
 
 
-def napo_strategy(shape: Shape, device: torch.device | str) -> tuple[int, str]:
+def napo_strategy(shape: Shape, device: torch.device | str, backend: str = "cpp") -> tuple[int, str]:
     """The chunk size napo-kernels uses for ``shape`` and what its backward does."""
     chunk = shape.chunk_size or napo_kernels.choose_chunk_size(
         shape.scored_rows, shape.vocab, torch.device(device)
     )
-    block = chunk * shape.vocab * 4 / 2**20
+    block = f"chunk {chunk} rows x V ({chunk * shape.vocab * 4 / 2**20:.1f} MiB fp32 budget)"
+    if backend == "cpp" and torch.device(device).type == "cpu":
+        from napo_kernels.kernels.cpp import cpu_block_shape
+
+        rows, cols = cpu_block_shape(shape.scored_rows, shape.vocab, chunk)
+        if cols < shape.vocab:
+            block += (
+                f" worked as {rows} rows x {cols}-column vocabulary tiles ({rows * cols * 4 / 2**20:.1f} MiB)"
+            )
     if shape.trainable:
-        how = "trainable lm_head: logits recomputed chunk by chunk in the backward for dH, dW"
+        how = "trainable lm_head: logits recomputed in the backward for dH, dW (4 matrix products)"
     else:
         how = "frozen lm_head: softmax(logits) @ W kept from the forward, no vocabulary work in the backward"
-    return chunk, f"chunk {chunk} rows x V ({block:.1f} MiB fp32 block); {how}"
+    return chunk, f"{block}; {how}"
 
 
 def _prepare_napo(shape: Shape, x: Inputs, backend: str) -> Prepared:
@@ -207,7 +215,7 @@ def _prepare_napo(shape: Shape, x: Inputs, backend: str) -> Prepared:
             backend=backend,
         )
 
-    return _standard(x, loss_fn, napo_strategy(shape, x.hidden.device)[1])
+    return _standard(x, loss_fn, napo_strategy(shape, x.hidden.device, backend)[1])
 
 
 def _prepare_bare(shape: Shape, x: Inputs) -> Prepared:

@@ -171,7 +171,7 @@ class Runner:
             shape = base.with_variant(v)
             napo = pick_napo(timed[v], self.auto)
             rows = make_rows(timed[v], memory[v], napo, shape.grad_bytes)
-            chunk, strategy = _napo_strategy(shape, self.device)
+            chunk, strategy = _napo_strategy(shape, self.device, napo)
             self.payload["tables"].append(
                 {
                     "case": case,
@@ -370,10 +370,10 @@ def _paired_ratio(num: list[float], den: list[float]) -> float | None:
     return statistics.median(pairs) if pairs else None
 
 
-def _napo_strategy(shape: Shape, device: str) -> tuple[int, str]:
+def _napo_strategy(shape: Shape, device: str, napo: str | None) -> tuple[int, str]:
     from .contenders import napo_strategy
 
-    return napo_strategy(shape, device)
+    return napo_strategy(shape, device, (napo or "napo-cpp").removeprefix("napo-"))
 
 
 def _format_sweep(entry: dict) -> str:

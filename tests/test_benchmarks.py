@@ -123,6 +123,24 @@ def test_bars_judge_the_rows() -> None:
     assert judged["rec frozen: napo / sliced time"].passed is None
 
 
+def test_memory_bars_fall_back_only_when_the_gradients_exceed_the_budget() -> None:
+    def row(name: str, peak: int, beyond: int) -> dict:
+        return {**_row(name, 1.0, peak), "beyond_grads_bytes": beyond}
+
+    # trainable: 1000 bytes of gradients; sliced 1200 / 5 = 240 < 1000: judged beyond the gradients
+    rows = [row("sliced", 1200, 200), row("napo-cpp", 1010, 10), row("plain", 30000, 29000)]
+    table = {"case": "rec", "variant": "trainable", "napo": "napo-cpp", "rows": rows}
+    judged = {b.name: b for b in bars.judge([table], None)}
+    beyond = judged["rec trainable: sliced / napo memory beyond returned grads"]
+    assert beyond.passed and beyond.measured == pytest.approx(20.0) and "exceed the budget" in beyond.detail
+    # plain 30000 / 20 = 1500 >= 1000: feasible, so judged on the total (29.7x)
+    assert judged["rec trainable: plain / napo peak extra memory"].measured == pytest.approx(30000 / 1010)
+    # an implementation far above the floor still misses on the fallback
+    rows[1].update(peak_bytes=1100, beyond_grads_bytes=100)
+    judged = {b.name: b for b in bars.judge([table], None)}
+    assert judged["rec trainable: sliced / napo memory beyond returned grads"].passed is False  # 2x < 5x
+
+
 def test_quick_shapes_are_small() -> None:
     for shape in (rec_shape(True), dense_shape(True)):
         assert shape.all_rows * shape.vocab < 100_000
