@@ -447,4 +447,3 @@ def _all_reduce_sum(group: ProcessGroup) -> Callable[[Tensor], Tensor]:
         return total
 
     return reduce
-
