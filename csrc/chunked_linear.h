@@ -27,6 +27,34 @@ inline void chunk_logits(at::Tensor& out, const at::Tensor& hidden, const at::Te
     at::mm_out(out, hidden, weight.t());
 }
 
+// The backward's outputs, allocated before the chunk loop: empty [0] tensors for what is not
+// needed. fp32/fp64: the weight gradient accumulates in place (the first chunk writes it, no zero
+// fill); fp16/bf16: in an fp32 buffer, each chunk's product rounded once (as the torch backend).
+// The bias gradient is summed in the accumulation type.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads_begin(const at::Tensor& hidden,
+                                                                         const at::Tensor& weight, bool need_hidden,
+                                                                         bool need_weight, bool need_bias) {
+  const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
+  const bool acc_is_input = acc.dtype() == hidden.dtype();
+  at::Tensor d_hidden = need_hidden ? at::empty(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
+  at::Tensor d_weight = !need_weight  ? at::empty({0}, weight.options())
+                        : acc_is_input ? at::empty(weight.sizes(), weight.options())
+                                       : at::zeros(weight.sizes(), acc);
+  at::Tensor d_bias = need_bias ? at::zeros({weight.size(0)}, acc) : at::empty({0}, weight.options());
+  if (need_weight && acc_is_input && hidden.size(0) == 0) d_weight.zero_();
+  return {d_hidden, d_weight, d_bias};
+}
+
+// The accumulators of linear_grads_begin rounded to the parameters' dtypes.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads_end(const at::Tensor& d_hidden, at::Tensor d_weight,
+                                                                       at::Tensor d_bias, const at::Tensor& weight,
+                                                                       const std::optional<at::Tensor>& bias) {
+  if (d_weight.scalar_type() != weight.scalar_type()) d_weight = d_weight.to(weight.scalar_type());
+  const auto bias_type = bias.has_value() ? bias->scalar_type() : weight.scalar_type();
+  if (d_bias.scalar_type() != bias_type) d_bias = d_bias.to(bias_type);
+  return {d_hidden, d_weight, d_bias};
+}
+
 template <class Passes>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight,
                                                                    const std::optional<at::Tensor>& bias,
@@ -76,14 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
   Passes::check_targets(targets, vocab);
   const bool acc_is_input = acc.dtype() == hidden.dtype();
 
-  at::Tensor d_hidden = need_hidden ? at::empty(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
-  // fp32/fp64: the weight gradient accumulates in place (the first chunk writes it, no zero fill);
-  // fp16/bf16: in an fp32 buffer, each chunk's product rounded once (as the torch backend).
-  at::Tensor d_weight = !need_weight  ? at::empty({0}, weight.options())
-                        : acc_is_input ? at::empty(weight.sizes(), weight.options())
-                                       : at::zeros(weight.sizes(), acc);
-  at::Tensor d_bias = need_bias ? at::zeros({vocab}, acc) : at::empty({0}, weight.options());
-  if (need_weight && acc_is_input && rows == 0) d_weight.zero_();
+  auto [d_hidden, d_weight, d_bias] = linear_grads_begin(hidden, weight, need_hidden, need_weight, need_bias);
 
   if (rows > 0 && (need_hidden || need_weight || need_bias)) {
     at::Tensor block = at::empty({std::min(chunk_size, rows), vocab}, hidden.options());
@@ -109,9 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
       }
     }
   }
-  if (need_weight && !acc_is_input) d_weight = d_weight.to(weight.scalar_type());
-  if (need_bias) d_bias = d_bias.to(bias.has_value() ? bias->scalar_type() : weight.scalar_type());
-  return {d_hidden, d_weight, d_bias};
+  return linear_grads_end(d_hidden, d_weight, d_bias, weight, bias);
 }
 
 template <class Passes>

@@ -128,15 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(const at::Tensor
   Passes::check_targets(targets, vocab);
   const bool acc_is_input = acc.dtype() == hidden.dtype();
 
-  at::Tensor d_hidden = need_hidden ? at::empty(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
-  // as the untiled loop: fp32/fp64 weight gradients are written by the first chunk, then summed in
-  // place; fp16/bf16 ones are summed in fp32
-  at::Tensor d_weight = !need_weight  ? at::empty({0}, weight.options())
-                        : acc_is_input ? at::empty(weight.sizes(), weight.options())
-                                       : at::zeros(weight.sizes(), acc);
-  at::Tensor d_bias = need_bias ? at::zeros({vocab}, acc) : at::empty({0}, weight.options());
-  if (need_weight && acc_is_input && rows == 0) d_weight.zero_();
-
+  auto [d_hidden, d_weight, d_bias] = linear_grads_begin(hidden, weight, need_hidden, need_weight, need_bias);
   if (rows > 0 && (need_hidden || need_weight || need_bias)) {
     const int64_t max_rows = std::min(plan.rows, rows);
     at::Tensor block = at::empty({max_rows * plan.width}, hidden.options());
@@ -174,9 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(const at::Tensor
       if (need_hidden && !acc_is_input) d_hidden.narrow(0, lo, n).copy_(dh);
     }
   }
-  if (need_weight && !acc_is_input) d_weight = d_weight.to(weight.scalar_type());
-  if (need_bias) d_bias = d_bias.to(bias.has_value() ? bias->scalar_type() : weight.scalar_type());
-  return {d_hidden, d_weight, d_bias};
+  return linear_grads_end(d_hidden, d_weight, d_bias, weight, bias);
 }
 
 }  // namespace napo::cpu
