@@ -339,6 +339,19 @@ def test_vocab_tiles_follow_a_moving_row_max(dtype):
     assert (got[2][:, :4] == 0).all() and (got[2][:, 10:15] == 0).all()  # masked: probability 0
 
 
+def test_fp16_frozen_head_tiles_do_not_overflow():
+    """fp16 holds at most 65504: a tile's product of unnormalised probabilities (up to 1 each) with
+    weights of 200 would reach 512 * 200; the tiled forward keeps them normalised instead."""
+    hidden = torch.zeros(2, 4, dtype=torch.float16)  # every logit equal: a flat softmax
+    weight = torch.full((1024, 4), 200.0, dtype=torch.float16)
+    targets = torch.tensor([0, 700])
+    got = cpp.linear_logprobs_fwd(hidden, weight, None, targets, 2, True)  # two 512-column tiles
+    twin = torch_chunked.linear_logprobs_fwd(hidden, weight, None, targets, 2, True)
+    assert torch.isfinite(got[2]).all()
+    for g, t in zip(got, twin):
+        torch.testing.assert_close(g, t)
+
+
 def test_masked_vocabulary_and_nan_rows():
     """-inf logits (a masked vocabulary entry) get probability 0; a NaN poisons only its own row."""
     logits = torch.randn(4, 70, dtype=torch.float64)

@@ -96,7 +96,7 @@ def test_low_precision_allocations_do_not_grow_with_rows(backend):
     assert largest[0] <= 3 * BLOCK < FULL
 
 
-def test_cpu_kernel_works_in_the_block_it_reports():
+def test_cpu_kernel_works_in_the_block_it_reports(monkeypatch):
     """The C++ CPU kernel reshapes the ``[chunk, V]`` budget into vocabulary tiles; the largest
     allocation of its forward is exactly the block ``cpu_block_shape`` reports (the benchmark's
     description of the strategy relies on it), and within the budget."""
@@ -104,7 +104,10 @@ def test_cpu_kernel_works_in_the_block_it_reports():
     hidden, weight, labels = problem(torch.float32)
     rows = hidden.shape[:3].numel()
     targets = labels.reshape(-1)
-    for chunk in (1, 5, CHUNK, 300):
+    for tile, chunk in ((None, 1), (None, 5), (None, CHUNK), (None, 300), ("64", 7), ("4096", 3)):
+        monkeypatch.delenv("NAPO_KERNELS_CPU_VOCAB_TILE", raising=False)
+        if tile is not None:  # the mirror follows the kernel's override (4096: one tile, untiled loop)
+            monkeypatch.setenv("NAPO_KERNELS_CPU_VOCAB_TILE", tile)
         block_rows, width = cpp.cpu_block_shape(rows, V, chunk)
         largest, _ = allocations(
             lambda c=chunk: cpp.linear_logprobs_fwd(hidden.reshape(rows, H), weight, None, targets, c, False)

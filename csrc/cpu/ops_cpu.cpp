@@ -59,7 +59,7 @@ struct CpuPasses {
 
   static void logprob_tile_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
                                 int64_t offset, at::Tensor run_max, at::Tensor run_sum, at::Tensor target_logit,
-                                at::Tensor scale) {
+                                at::Tensor scale, bool normalize) {
     with_format(logits.scalar_type(), [&](auto format) {
       using F = decltype(format);
       using T = typename F::storage;
@@ -68,7 +68,8 @@ struct CpuPasses {
                                 probs.defined() ? static_cast<T*>(probs.mutable_data_ptr()) : nullptr, logits.size(0),
                                 logits.size(1), offset, targets.const_data_ptr<int64_t>(),
                                 run_max.mutable_data_ptr<Acc>(), run_sum.mutable_data_ptr<Acc>(),
-                                target_logit.mutable_data_ptr<Acc>(), scale.mutable_data_ptr<Acc>(), team_size());
+                                target_logit.mutable_data_ptr<Acc>(), scale.mutable_data_ptr<Acc>(), normalize,
+                                team_size());
     });
   }
 

@@ -81,19 +81,19 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
 template <class F>
 void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width, int64_t offset,
                        const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum, AccOf<F>* target_logit,
-                       AccOf<F>* scale, int threads) {
+                       AccOf<F>* scale, bool normalize, int threads) {
   switch (active_isa()) {
 #ifdef NAPO_CPU_X86_CLONES
     case Isa::kAvx512:
       return avx512::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum,
-                                          target_logit, scale, threads);
+                                          target_logit, scale, normalize, threads);
     case Isa::kAvx2:
       return avx2::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum, target_logit,
-                                        scale, threads);
+                                        scale, normalize, threads);
 #endif
     default:
       return generic::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum,
-                                           target_logit, scale, threads);
+                                           target_logit, scale, normalize, threads);
   }
 }
 
@@ -156,7 +156,7 @@ int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* sele
   template void logprob_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, const int64_t*, AccOf<F>*, \
                                 AccOf<F>*, int);                                                           \
   template void logprob_tile_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t,            \
-                                     const int64_t*, AccOf<F>*, AccOf<F>*, AccOf<F>*, AccOf<F>*, int);     \
+                                     const int64_t*, AccOf<F>*, AccOf<F>*, AccOf<F>*, AccOf<F>*, bool, int);     \
   template void logit_grad_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t, const int64_t*, \
                                    const AccOf<F>*, const AccOf<F>*, AccOf<F>*, int);
 NAPO_INSTANTIATE_ROWS(Float32)

@@ -67,10 +67,11 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
 // online forward: merges the tile into each row's running (max, sum), picks up the target's logit
 // when it falls in the tile, writes exp(x - new max) into `probs` when not null (may be `logits`)
 // and scale[r] = exp(old max - new max), the factor for whatever was summed against the old max.
+// `normalize`: probs are also divided by the new sum and scale carries old sum / new sum.
 template <class F>
 void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width, int64_t offset,
                        const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum, AccOf<F>* target_logit,
-                       AccOf<F>* scale, int threads) {
+                       AccOf<F>* scale, bool normalize, int threads) {
   using T = Storage<F>;
   using Acc = AccOf<F>;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * width >= kParallelMin && rows > 1)
@@ -79,10 +80,14 @@ void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows
     LsePair<Acc> tile = lse_empty<Acc>();
     for (int64_t lo = 0; lo < width; lo += kRowBlock)
       tile = lse_merge(tile, block_lse<F>(x + lo, std::min(kRowBlock, width - lo)));
-    const Acc old_max = run_max[r];
-    const LsePair<Acc> merged = lse_merge(LsePair<Acc>{old_max, run_sum[r]}, tile);
+    const Acc old_max = run_max[r], old_sum = run_sum[r];
+    const LsePair<Acc> merged = lse_merge(LsePair<Acc>{old_max, old_sum}, tile);
     // equal maxima (including both -inf: nothing summed yet) need no rescaling
-    scale[r] = merged.max == old_max ? Acc(1) : exp_acc(old_max - merged.max);
+    Acc s = merged.max == old_max ? Acc(1) : exp_acc(old_max - merged.max);
+    // normalised: the probabilities so far are relative to the new sum (nothing summed: stay 0)
+    const Acc inv_sum = normalize && merged.sum > Acc(0) ? Acc(1) / merged.sum : Acc(1);
+    if (normalize && merged.sum > Acc(0)) s = s * old_sum * inv_sum;
+    scale[r] = s;
     run_max[r] = merged.max;
     run_sum[r] = merged.sum;
     const int64_t y = targets[r] - offset;
@@ -96,7 +101,7 @@ void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows
         continue;
       }
 #pragma omp simd
-      for (int64_t v = 0; v < width; ++v) p[v] = F::store(softmax_prob(F::load(x[v]), m));
+      for (int64_t v = 0; v < width; ++v) p[v] = F::store(softmax_prob(F::load(x[v]), m) * inv_sum);
     }
   }
 }

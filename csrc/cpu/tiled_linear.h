@@ -8,7 +8,8 @@
 //
 // Forward: an online log-sum-exp over the tiles of a row (running max and sum, napo_math.h). With a
 // frozen head the expected hidden state sum_v softmax_v W_v is summed unnormalised against the
-// running max; a row whose max moves is rescaled first, and the sum is divided at the end.
+// running max; a row whose max moves is rescaled first, and the sum is divided at the end (fp16:
+// kept normalised by the running sum, so that no partial product can overflow).
 // Backward: the tile's logits are recomputed and turned into their gradient with the row's final
 // lse; the weight gradient of a tile is written once per row chunk, the hidden gradient summed
 // over tiles (in fp32 for fp16/bf16, rounded once per chunk as in the untiled loop).
@@ -81,6 +82,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor
   at::Tensor scale = at::empty({std::min(plan.rows, rows)}, acc);
   at::Tensor block = at::empty({std::min(plan.rows, rows) * plan.width}, hidden.options());
   const bool acc_is_input = acc.dtype() == hidden.dtype();
+  // fp16 (largest value 65504): a tile's product with unnormalised probabilities (up to 1 each) can
+  // overflow, so they are kept normalised by the running sum (one more rescale per tile and row)
+  const bool normalize = compute_expected && hidden.scalar_type() == at::kHalf;
   for (int64_t lo = 0; lo < rows; lo += plan.rows) {
     const int64_t n = std::min(plan.rows, rows - lo);
     const at::Tensor h = hidden.narrow(0, lo, n);
@@ -93,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor
       // in place: the logits become exp(logit - running max) when the frozen head needs them
       Passes::logprob_tile_rows(logits, compute_expected ? logits : at::Tensor(), targets.narrow(0, lo, n), v0,
                                 run_max.narrow(0, lo, n), run_sum.narrow(0, lo, n), target_logit.narrow(0, lo, n),
-                                scale.narrow(0, 0, n));
+                                scale.narrow(0, 0, n), normalize);
       if (!compute_expected) continue;
       if (v0 == 0) {
         if (acc_is_input)
@@ -111,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor
   }
   at::add_out(lse, run_max, run_sum.log());  // max + log(sum); -inf for a row of -inf logits
   at::sub_out(logp, target_logit, lse);
-  if (compute_expected) expected.div_(run_sum.unsqueeze(1));
+  if (compute_expected && !normalize) expected.div_(run_sum.unsqueeze(1));
   return {logp, lse, expected};
 }
 
