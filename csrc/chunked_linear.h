@@ -27,6 +27,16 @@ inline void chunk_logits(at::Tensor& out, const at::Tensor& hidden, const at::Te
     at::mm_out(out, hidden, weight.t());
 }
 
+// The forward's outputs in the accumulation type: logp [rows], lse [rows] and, for a frozen head,
+// expected [rows, H] (else an empty [0]).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_outputs(const at::Tensor& hidden,
+                                                                         bool compute_expected) {
+  const int64_t rows = hidden.size(0);
+  const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
+  return {at::empty({rows}, acc), at::empty({rows}, acc),
+          compute_expected ? at::empty({rows, hidden.size(1)}, acc) : at::empty({0}, acc)};
+}
+
 // The backward's outputs, allocated before the chunk loop: empty [0] tensors for what is not
 // needed. fp32/fp64: the weight gradient accumulates in place (the first chunk writes it, no zero
 // fill); fp16/bf16: in an fp32 buffer, each chunk's product rounded once (as the torch backend).
@@ -61,12 +71,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Ten
                                                                    const at::Tensor& targets_in, int64_t chunk_size,
                                                                    bool compute_expected) {
   check_linear("napo_C::linear_logprobs_fwd", hidden, weight, bias, targets_in, chunk_size);
-  const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
+  const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous();
   Passes::check_targets(targets, vocab);
-  at::Tensor logp = at::empty({rows}, acc), lse = at::empty({rows}, acc);
-  at::Tensor expected = compute_expected ? at::empty({rows, width}, acc) : at::empty({0}, acc);
+  auto [logp, lse, expected] = linear_fwd_outputs(hidden, compute_expected);
   if (rows == 0) return {logp, lse, expected};
 
   // One [chunk, V] block in the input dtype is reused by every chunk (and becomes the softmax).

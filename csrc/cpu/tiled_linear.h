@@ -69,12 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor
                                                                 const std::optional<at::Tensor>& bias,
                                                                 const at::Tensor& targets_in, TilePlan plan,
                                                                 bool compute_expected) {
-  const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
+  const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous();
   Passes::check_targets(targets, vocab);
-  at::Tensor logp = at::empty({rows}, acc), lse = at::empty({rows}, acc);
-  at::Tensor expected = compute_expected ? at::empty({rows, width}, acc) : at::empty({0}, acc);
+  auto [logp, lse, expected] = linear_fwd_outputs(hidden, compute_expected);
   if (rows == 0) return {logp, lse, expected};
 
   at::Tensor run_max = at::full({rows}, -std::numeric_limits<double>::infinity(), acc);
