@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from napo_kernels.reference import IGNORE_INDEX
+from napo_kernels.constants import IGNORE_INDEX
 
 DTYPES = {
     "float32": torch.float32,

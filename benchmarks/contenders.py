@@ -19,7 +19,7 @@ from torch import Tensor
 
 import napo_kernels
 from napo_kernels import dispatch, reference
-from napo_kernels.reference import IGNORE_INDEX
+from napo_kernels.constants import IGNORE_INDEX
 
 from .cases import Inputs, Shape
 
@@ -59,7 +59,7 @@ def label(name: str) -> str:
 def _loss_from_scores(scores: Tensor, shape: Shape) -> Tensor:
     """The reference loss (mean over prompts) from ``scores [B, C]``; candidate 0 is the positive."""
     gamma = 1.0 if shape.method == "napo" else 0.0  # NAPO's released default gamma_0 = 1
-    loss, _ = reference.preference_loss(
+    loss, _ = reference.family_loss(
         scores[:, 0], scores[:, 1:], method=shape.method, sharing=shape.sharing, gamma=gamma
     )
     return loss
@@ -177,7 +177,7 @@ def napo_strategy(shape: Shape, device: torch.device | str, backend: str = "cpp"
     )
     block = f"chunk {chunk} rows x V ({chunk * shape.vocab * 4 / 2**20:.1f} MiB fp32 budget)"
     if backend == "cpp" and torch.device(device).type == "cpu":
-        from napo_kernels.kernels.cpp import cpu_block_shape
+        from napo_kernels.kernels.extension import cpu_block_shape
 
         rows, cols = cpu_block_shape(shape.scored_rows, shape.vocab, chunk)
         if cols < shape.vocab:

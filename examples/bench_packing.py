@@ -18,7 +18,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import napo_kernels as nk
-from napo_kernels.packing import candidate_rows, causal_lm_parts, pack_candidates, separate_candidates
+from napo_kernels.recommender.packing import (
+    candidate_rows,
+    causal_lm_parts,
+    pack_candidates,
+    separate_candidates,
+)
 
 
 def make_problem(batch: int, k: int, prompt_len: int, vocab: int, seed: int):

@@ -4,8 +4,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import napo_kernels as nk
-from napo_kernels.data import RecPreferenceDataset, generate_world, train_bpe_tokenizer
-from napo_kernels.packing import CandidateCollator, candidate_rows
+from napo_kernels.recommender.data import RecPreferenceDataset, generate_world, train_bpe_tokenizer
+from napo_kernels.recommender.packing import CandidateCollator, candidate_rows
 
 world = generate_world(num_train=64)  # synthetic users, items and 20-candidate lists
 data = RecPreferenceDataset(world.train, num_negatives=3)  # positive + 3 sampled negatives

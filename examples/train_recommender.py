@@ -37,7 +37,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from napo_kernels.data import (
+from napo_kernels.recommender.data import (
     ItemPopularity,
     RecPreferenceDataset,
     RecPromptTemplate,
@@ -45,8 +45,8 @@ from napo_kernels.data import (
     read_rec_json,
     train_bpe_tokenizer,
 )
-from napo_kernels.evaluation import evaluate_recommender
-from napo_kernels.trainer import PreferenceTrainer, RecommenderSFTTrainer
+from napo_kernels.recommender.evaluation import evaluate_recommender
+from napo_kernels.recommender.trainer import PreferenceTrainer, RecommenderSFTTrainer
 
 METHODS = ("sft", "dpo", "s_dpo", "dmpo", "napo", "dynamicpo")
 DEFAULT_K = {"dpo": 1, "dynamicpo": 5}  # S-DPO, DMPO and NAPO: 3 (the papers' settings)

@@ -107,8 +107,8 @@ def kernels(name: str) -> ModuleType:
     """The kernel module of a concrete backend."""
     module = {
         "torch": "napo_kernels.kernels.torch_chunked",
-        "cpp": "napo_kernels.kernels.cpp",
-        "cuda": "napo_kernels.kernels.cpp",  # same ops, dispatched on the CUDA key
-        "triton": "napo_kernels.kernels.triton_kernels",
+        "cpp": "napo_kernels.kernels.extension",
+        "cuda": "napo_kernels.kernels.extension",  # same ops, dispatched on the CUDA key
+        "triton": "napo_kernels.kernels.triton",
     }[name]
     return importlib.import_module(module)

@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch
+from .constants import IGNORE_INDEX
 from .ops.linear_logprobs import linear_logprobs
 from .ops.logits_logprobs import logits_logprobs
-from .reference import IGNORE_INDEX
 
 # At most this many bytes of fp32 logits exist at once on the fused path (one [chunk, V] block).
 DEFAULT_MEMORY_BUDGET = {"cpu": 16 << 20, "cuda": 256 << 20}

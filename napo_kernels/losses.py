@@ -10,12 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from . import checks
+from .constants import IGNORE_INDEX
 from .kernels.torch_chunked import AGG_LSE, AGG_MEAN, acc_dtype
 from .logprobs import _resolve_backend, sequence_logprobs
 from .margin import DynamicMargin
 from .ops.preference import preference_rows
 from .plan import METHODS, Plan, dynamicpo_selection, negative_pool, share_matrix
-from .reference import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

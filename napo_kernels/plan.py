@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .reference import THREE_MEANS_RTOL
+from .constants import THREE_MEANS_RTOL
 
 METHODS = ("dpo", "s_dpo", "dmpo", "napo", "dynamicpo")
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from .constants import IGNORE_INDEX, THREE_MEANS_RTOL
 
 # ----------------------------------------------------------------------------------------------
 # Sequence scores: s(y | x) = sum_t log pi(y_t | x, y_<t) over the candidate's tokens.
@@ -73,7 +73,7 @@ def similar_prompts(user_embeddings: Tensor, rho: float) -> Tensor:
     return share
 
 
-def negative_pool(
+def pool_mask(
     negative_mask: Tensor,
     sharing: str | Tensor = "own",
     user_embeddings: Tensor | None = None,
@@ -116,37 +116,37 @@ def _masked_lse(x: Tensor, mask: Tensor) -> Tensor:
     return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=-1)
 
 
-def dpo_loss(
+def dpo_rows(
     chosen_rewards: Tensor, rejected_rewards: Tensor, beta: float = 1.0, gamma: float = 0.0
 ) -> Tensor:
     """``-log sigma(beta (r^+ - r^-) - gamma)`` for ``[B]`` and ``[B]`` rewards."""
     return -F.logsigmoid(beta * (chosen_rewards - rejected_rewards) - gamma)
 
 
-def sdpo_loss(delta: Tensor, pool: Tensor, beta: float = 1.0, gamma: float = 0.0) -> Tensor:
+def sdpo_rows(delta: Tensor, pool: Tensor, beta: float = 1.0, gamma: float = 0.0) -> Tensor:
     """S-DPO: ``softplus(gamma + LSE_{n in P_i}(beta Delta_{i,n}))``."""
     return F.softplus(gamma + _masked_lse(beta * delta, pool))
 
 
-def sdpo_loss_sigmoid_form(delta: Tensor, pool: Tensor, beta: float = 1.0) -> Tensor:
+def sdpo_rows_sigmoid_form(delta: Tensor, pool: Tensor, beta: float = 1.0) -> Tensor:
     """S-DPO as the paper writes it: ``-log sigma(-log sum_n exp(beta Delta_{i,n}))``."""
     total = (torch.exp(beta * delta) * pool).sum(-1)
     return -torch.log(torch.sigmoid(-torch.log(total)))
 
 
-def dmpo_loss(delta: Tensor, pool: Tensor, beta: float = 1.0, gamma: float = 0.0) -> Tensor:
+def dmpo_rows(delta: Tensor, pool: Tensor, beta: float = 1.0, gamma: float = 0.0) -> Tensor:
     """DMPO (paper form): ``-log sigma(beta r^+ - mean_n beta r_n - gamma)``."""
     mean_delta = (delta * pool).sum(-1) / pool.sum(-1)
     return F.softplus(gamma + beta * mean_delta)
 
 
-def napo_loss(delta: Tensor, pool: Tensor, margin: Tensor, beta: float = 1.0) -> Tensor:
+def napo_rows(delta: Tensor, pool: Tensor, margin: Tensor, beta: float = 1.0) -> Tensor:
     """NAPO: ``softplus(LSE_{n in P_i}(beta Delta_{i,n} + gamma_{i,n}))``; with the batch margin
     ``gamma_{i,n} = gamma_t`` this is ``softplus(gamma_t + LSE(beta Delta))``."""
     return F.softplus(_masked_lse(beta * delta + margin, pool))
 
 
-def dynamicpo_loss(delta: Tensor, boundary: Tensor, beta_n: Tensor, gamma: float = 0.0) -> Tensor:
+def dynamicpo_rows(delta: Tensor, boundary: Tensor, beta_n: Tensor, gamma: float = 0.0) -> Tensor:
     """DynamicPO: ``-log sigma(mean_{n in B_i} beta_n (r^+ - r_n) - gamma)``."""
     mean = (beta_n * delta * boundary).sum(-1) / boundary.sum(-1)
     return F.softplus(gamma + mean)
@@ -190,10 +190,6 @@ def napo_margin(
 # ----------------------------------------------------------------------------------------------
 # DynamicPO's boundary set and per-negative beta (detached; uses policy scores s_theta).
 # ----------------------------------------------------------------------------------------------
-
-# Partitions whose costs lie within this (relative) distance of the least cost count as tied; the
-# first in enumeration order wins, so exact ties on a grid of values resolve the same everywhere.
-THREE_MEANS_RTOL = 1e-9
 
 
 def top_cluster_3means(values: list[float]) -> list[int]:
@@ -261,7 +257,7 @@ def dynamicpo_selection(
 # ----------------------------------------------------------------------------------------------
 
 
-def preference_loss(
+def family_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
     negative_mask: Tensor | None = None,
@@ -298,30 +294,30 @@ def preference_loss(
         r_pos = r_pos - ref_chosen_logps.to(acc)
         r_neg = r_neg - ref_rejected_logps.to(acc)
     r_neg = r_neg.masked_fill(~negative_mask, 0.0).reshape(-1)
-    pool = negative_pool(negative_mask, sharing, user_embeddings, rho)
+    pool = pool_mask(negative_mask, sharing, user_embeddings, rho)
     delta = reward_matrix(r_pos, r_neg)
     if detach_shared:  # NAPO's released code: shared negatives get no gradient
-        own = negative_pool(negative_mask, "own")
+        own = pool_mask(negative_mask, "own")
         delta = torch.where(own, delta, reward_matrix(r_pos, r_neg.detach()))
     extras: dict = {"pool": pool, "delta": delta}
     if method == "dpo":
         if k != 1 or not negative_mask.all():
             raise ValueError("dpo needs exactly one negative per prompt")
-        rows = sdpo_loss(delta, pool, beta, gamma)
+        rows = sdpo_rows(delta, pool, beta, gamma)
     elif method == "s_dpo":
-        rows = sdpo_loss(delta, pool, beta, gamma)
+        rows = sdpo_rows(delta, pool, beta, gamma)
     elif method == "dmpo":
-        rows = dmpo_loss(delta, pool, beta, gamma)
+        rows = dmpo_rows(delta, pool, beta, gamma)
     elif method == "napo":
         if confidence is None:
             confidence = torch.sigmoid(beta * r_neg.detach())
         margin, new_ema, m_t = napo_margin(confidence.reshape(-1), pool, ema, gamma, alpha, mu, margin_mode)
-        rows = napo_loss(delta, pool, margin.to(acc), beta)
+        rows = napo_rows(delta, pool, margin.to(acc), beta)
         extras.update(margin=margin, ema=new_ema, batch_confidence=m_t)
     elif method == "dynamicpo":
         s_neg = rejected_logps.detach().to(acc).masked_fill(~negative_mask, 0.0).reshape(-1)
         boundary, beta_n = dynamicpo_selection(chosen_logps, s_neg, pool, beta, tau)
-        rows = dynamicpo_loss(delta, boundary, beta_n.to(acc), gamma)
+        rows = dynamicpo_rows(delta, boundary, beta_n.to(acc), gamma)
         extras.update(boundary=boundary, beta_n=beta_n)
     else:
         raise ValueError(f"unknown method {method!r}")

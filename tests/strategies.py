@@ -273,7 +273,7 @@ def make_mask(b: int, k: int, sharing: str | Tensor, user_embeddings, rho: float
     """A random ``[B, K]`` validity mask (variable K per prompt) in which every prompt's pool is
     non-empty; a prompt may lose all its own negatives if sharing gives it others."""
     mask = torch.rand(b, k, generator=gen) < 0.7
-    pool = reference.negative_pool(mask, sharing, user_embeddings, rho)
+    pool = reference.pool_mask(mask, sharing, user_embeddings, rho)
     for i in torch.nonzero(~pool.any(1)).flatten().tolist():
         mask[i, 0] = True
     return mask
@@ -333,10 +333,10 @@ def stage2_problems(
 
 
 def reference_stage2(p: Stage2, chosen: Tensor, rejected: Tensor, ema: float = 0.0) -> tuple[Tensor, dict]:
-    """``reference.preference_loss`` with the problem's options."""
+    """``reference.family_loss`` with the problem's options."""
     o = p.options
     conf = None if p.confidence is None else p.confidence.reshape(-1)
-    return reference.preference_loss(
+    return reference.family_loss(
         chosen, rejected, p.mask, p.ref_chosen, p.ref_rejected,
         method=o["method"], beta=o["beta"], gamma=o["gamma"], sharing=o["sharing"],
         user_embeddings=o["user_embeddings"], rho=o["rho"], confidence=conf, margin_mode=o["margin_mode"],

@@ -397,7 +397,7 @@ def test_dynamicpo_zero_over_zero_guard(backend):
     chosen = torch.full((2,), -3.0, dtype=torch.float64, requires_grad=True)
     rejected = torch.full((2, 3), -3.0, dtype=torch.float64, requires_grad=True)
     out = nk.preference_loss(chosen, rejected, method="dynamicpo", beta=2.0, backend=backend)
-    _, extras = reference.preference_loss(chosen, rejected, method="dynamicpo", beta=2.0)
+    _, extras = reference.family_loss(chosen, rejected, method="dynamicpo", beta=2.0)
     assert torch.isfinite(out.loss) and torch.all(extras["beta_n"][extras["boundary"]] == 1.0)
     assert float(out.metrics["dynamicpo/beta"]) == pytest.approx(1.0)
     assert_close(out.loss, torch.tensor(math.log(2.0), dtype=torch.float64), torch.float64, "0/0 loss")
@@ -428,7 +428,7 @@ def test_napo_defaults_match_reference(backend):
     user = torch.randn(5, 4, generator=gen).double()
     for kwargs, sharing in (({}, "all"), ({"user_embeddings": user}, "similarity")):
         out = nk.preference_loss(chosen, rejected, backend=backend, **kwargs)
-        want, _ = reference.preference_loss(chosen, rejected, method="napo", gamma=1.0, sharing=sharing,
+        want, _ = reference.family_loss(chosen, rejected, method="napo", gamma=1.0, sharing=sharing,
                                             user_embeddings=user, rho=0.7, margin_mode="batch")  # fmt: skip
         assert_close(out.loss, want, torch.float64, f"napo defaults sharing={sharing}")
 
@@ -461,7 +461,7 @@ def test_dynamic_margin_threads_ema(backend, mode):
         conf = torch.rand(b, k, generator=gen).double() if step % 2 else None
         out = nk.preference_loss(chosen, rejected, method="napo", sharing="all", confidence=conf,
                                  margin_state=state, backend=backend)  # fmt: skip
-        want, extras = reference.preference_loss(
+        want, extras = reference.family_loss(
             chosen, rejected, method="napo", gamma=0.8, sharing="all", alpha=0.4, mu=0.7, margin_mode=mode,
             ema=ema, confidence=None if conf is None else conf.reshape(-1),
         )  # fmt: skip
@@ -501,7 +501,7 @@ def test_preference_loss_module_keeps_ema(backend):
         (dh,) = torch.autograd.grad(out.loss, [hidden])
         h64 = leaf(hidden)
         scores = reference.sequence_scores(h64, weight, labels)
-        want, extras = reference.preference_loss(
+        want, extras = reference.family_loss(
             scores[:, 0], scores[:, 1:], method="napo", beta=1.5, gamma=0.7, sharing="all", ema=ema
         )
         (dh64,) = torch.autograd.grad(want, [h64])
@@ -599,7 +599,7 @@ def test_napo_loss_end_to_end(backend):
         cm = e["candidate_mask"]
         o = dict(e["options"])
         conf = e["confidence"]
-        want, extras = reference.preference_loss(
+        want, extras = reference.family_loss(
             tot[:, 0], tot[:, 1:], None if cm is None else cm[:, 1:],
             None if ref is None else ref[:, 0], None if ref is None else ref[:, 1:],
             confidence=None if conf is None else conf.reshape(-1), **o,

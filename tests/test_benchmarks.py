@@ -35,7 +35,7 @@ def _reference(shape: Shape) -> dict[str, torch.Tensor]:
     x = make_inputs(shape)
     scores = reference.sequence_scores(x.hidden, x.weight, x.labels)
     gamma = 1.0 if shape.method == "napo" else 0.0
-    loss, _ = reference.preference_loss(scores[:, 0], scores[:, 1:], method=shape.method,
+    loss, _ = reference.family_loss(scores[:, 0], scores[:, 1:], method=shape.method,
                                         sharing=shape.sharing, gamma=gamma)  # fmt: skip
     loss.backward()
     out = {"loss": loss.detach(), "hidden": x.hidden.grad}
@@ -156,7 +156,7 @@ def test_cli_quick_end_to_end(tmp_path: Path) -> None:
     assert "acceptance bars" in proc.stdout and "core issue (rec)" in proc.stdout
     (result,) = tmp_path.glob("bench-*.json")
     payload = json.loads(result.read_text())
-    triton_ready = importlib.util.find_spec("napo_kernels.kernels.triton_kernels") is not None
+    triton_ready = importlib.util.find_spec("napo_kernels.kernels.triton") is not None
     assert [(t["case"], t["variant"]) for t in payload["tables"]] == [("rec", "frozen"), ("rec", "trainable")]
     for table in payload["tables"]:
         rows = {r["contender"]: r for r in table["rows"]}

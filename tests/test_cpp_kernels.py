@@ -22,7 +22,8 @@ pytest.importorskip(
 )
 
 from napo_kernels import reference  # noqa: E402
-from napo_kernels.kernels import cpp, torch_chunked  # noqa: E402
+from napo_kernels.kernels import extension as cpp  # noqa: E402
+from napo_kernels.kernels import torch_chunked
 from napo_kernels.ops.linear_logprobs import linear_logprobs  # noqa: E402
 from napo_kernels.ops.logits_logprobs import logits_logprobs  # noqa: E402
 from napo_kernels.ops.preference import preference_rows  # noqa: E402
@@ -218,13 +219,13 @@ def test_preference_matches_torch_and_reference(batch, pool, agg, dtype, seed):
         beta = float(coef[0, 0])
         coef = torch.full_like(coef, beta)
         rows, weights = cpp.preference_fwd(chosen, rejected, select, coef, margin, agg)
-        truth = reference.napo_loss(delta, select, margin.double(), beta)
+        truth = reference.napo_rows(delta, select, margin.double(), beta)
     else:  # DMPO / DynamicPO form: per-pair beta_n, one additive gamma
         gamma = float(margin[0, 0])
         rows, weights = cpp.preference_fwd(
             chosen, rejected, select, coef, torch.full_like(margin, gamma), agg
         )
-        truth = reference.dynamicpo_loss(delta, select, coef.double(), gamma)
+        truth = reference.dynamicpo_rows(delta, select, coef.double(), gamma)
     truth.sum().backward()
     assert _err(rows, truth.detach()) <= 10 * tol * max(truth.abs().max().item(), 1.0)
     assert _err(weights, delta.grad) <= 10 * tol * max(delta.grad.abs().max().item(), 1.0)

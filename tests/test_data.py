@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from napo_kernels.data import (
+from napo_kernels.recommender.data import (
     ItemPopularity,
     NegativeSampler,
     PairPreferenceDataset,
@@ -151,7 +151,7 @@ def test_rec_dataset_positive_first_and_epochs():
 
 
 def test_pair_dataset():
-    from napo_kernels.data import PairExample
+    from napo_kernels.recommender.data import PairExample
 
     ds = PairPreferenceDataset([PairExample("p", "good", ("bad1", "bad2"))], num_negatives=1)
     assert ds[0]["candidates"] == ["good", "bad1"] and "p" in ds[0]["prompt"]

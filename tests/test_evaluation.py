@@ -12,7 +12,7 @@ from tiny_models import tiny_llama as build_tiny_llama
 from transformers import LlamaForCausalLM
 
 from napo_kernels import reference
-from napo_kernels.data import (
+from napo_kernels.recommender.data import (
     ItemPopularity,
     PairExample,
     RecExample,
@@ -20,7 +20,7 @@ from napo_kernels.data import (
     generate_world,
     train_bpe_tokenizer,
 )
-from napo_kernels.evaluation import (
+from napo_kernels.recommender.evaluation import (
     evaluate_recommender,
     generate_answers,
     generation_metrics,
@@ -32,7 +32,7 @@ from napo_kernels.evaluation import (
     score_candidates,
     score_features,
 )
-from napo_kernels.packing import CandidateCollator
+from napo_kernels.recommender.packing import CandidateCollator
 
 WORLD = generate_world(
     num_items=40,

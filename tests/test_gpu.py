@@ -143,7 +143,7 @@ def test_preference_loss_gpu(backend, method):
     for impl in (backend, "reference"):
         c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
         if impl == "reference":
-            loss = reference.preference_loss(c, r, method=method, sharing=sharing, gamma=0.5)[0]
+            loss = reference.family_loss(c, r, method=method, sharing=sharing, gamma=0.5)[0]
         else:
             loss = nk.preference_loss(c, r, method=method, sharing=sharing, gamma=0.5, backend=impl).loss
         results.append([loss, *torch.autograd.grad(loss, [c, r])])
@@ -155,7 +155,7 @@ def test_triton_deterministic_and_split_gpu():
     """No atomics: two runs give the same bits; the automatic vocabulary split (several programs
     per row block when few rows are scored) agrees with a single split up to rounding."""
     require("triton")
-    from napo_kernels.kernels import triton_linear_logprobs as tlin
+    from napo_kernels.kernels.triton import linear_logprobs as tlin
 
     gen = torch.Generator().manual_seed(3)
     r, h, v = SPLIT["rows"], SPLIT["h"], SPLIT["v"]

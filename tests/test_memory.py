@@ -100,7 +100,7 @@ def test_cpu_kernel_works_in_the_block_it_reports(monkeypatch):
     """The C++ CPU kernel reshapes the ``[chunk, V]`` budget into vocabulary tiles; the largest
     allocation of its forward is exactly the block ``cpu_block_shape`` reports (the benchmark's
     description of the strategy relies on it), and within the budget."""
-    cpp = pytest.importorskip("napo_kernels.kernels.cpp", reason="C++ extension not built")
+    cpp = pytest.importorskip("napo_kernels.kernels.extension", reason="C++ extension not built")
     hidden, weight, labels = problem(torch.float32)
     rows = hidden.shape[:3].numel()
     targets = labels.reshape(-1)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from napo_kernels import reference
-from napo_kernels.packing import (
+from napo_kernels.recommender.packing import (
     CandidateCollator,
     candidate_logps,
     candidate_rows,
@@ -164,7 +164,7 @@ def test_layout_errors(prompts, candidates, message):
 
 
 def test_collator_tokenizes_and_weights_history():
-    from napo_kernels.data import train_bpe_tokenizer
+    from napo_kernels.recommender.data import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(["alpha beta gamma delta", " alpha beta", " gamma"] * 10, vocab_size=300)
     features = [

@@ -84,7 +84,7 @@ def test_k1_every_method_is_dpo(backend):
             want_t = torch.tensor(want, dtype=torch.float64)
             out = nk.preference_loss(s_pos, s_neg, None, ref_pos, ref_neg, backend=backend, **kw)
             assert_close(out.rows, want_t, torch.float64, f"api {method}")
-            _, extras = reference.preference_loss(s_pos, s_neg, None, ref_pos, ref_neg, **kw)
+            _, extras = reference.family_loss(s_pos, s_neg, None, ref_pos, ref_neg, **kw)
             assert_close(extras["rows"], want_t, torch.float64, f"reference {method}")
 
     check()
@@ -132,7 +132,7 @@ def multi_negative(draw):
 
 def test_sdpo_two_forms_agree(backend):
     """``softplus(LSE(beta Delta))`` (what is computed) equals the paper's
-    ``-log sigma(-log sum exp(beta Delta))`` (``reference.sdpo_loss_sigmoid_form``) and a direct sum."""
+    ``-log sigma(-log sum exp(beta Delta))`` (``reference.sdpo_rows_sigmoid_form``) and a direct sum."""
 
     @hyp(backend, scale=0.6)
     @given(case=multi_negative())
@@ -142,9 +142,9 @@ def test_sdpo_two_forms_agree(backend):
         out = nk.preference_loss(
             s_pos, s_neg, mask, method="s_dpo", beta=beta, sharing=share, backend=backend
         )
-        pool = reference.negative_pool(mask, share)
+        pool = reference.pool_mask(mask, share)
         delta = reference.reward_matrix(s_pos, s_neg.masked_fill(~mask, 0).reshape(-1))
-        sigmoid_form = reference.sdpo_loss_sigmoid_form(delta, pool, beta)
+        sigmoid_form = reference.sdpo_rows_sigmoid_form(delta, pool, beta)
         by_hand = [
             -math.log(
                 1
@@ -156,7 +156,7 @@ def test_sdpo_two_forms_agree(backend):
             for i, p in enumerate(pools_by_hand(b, k, mask, share))
         ]
         assert_close(out.rows, sigmoid_form, torch.float64, "api vs sigmoid form")
-        assert_close(reference.sdpo_loss(delta, pool, beta), sigmoid_form, torch.float64, "reference forms")
+        assert_close(reference.sdpo_rows(delta, pool, beta), sigmoid_form, torch.float64, "reference forms")
         assert_close(out.rows, torch.tensor(by_hand, dtype=torch.float64), torch.float64, "by hand")
 
     check()
@@ -359,7 +359,7 @@ def test_similarity_pool(b, rho, seed, grid):
         expected = sorted(sims, reverse=True)[:m]
         assert sorted(-j for _, j in expected) == chosen
     mask = torch.rand(b, 2, generator=gen) < 0.7
-    assert torch.equal(plan.negative_pool(share, mask), reference.negative_pool(mask, "similarity", u, rho))
+    assert torch.equal(plan.negative_pool(share, mask), reference.pool_mask(mask, "similarity", u, rho))
 
 
 def test_reference_sequence_scores_by_hand():

@@ -12,9 +12,9 @@ from tiny_models import tiny_llama as build_tiny_llama
 from transformers import LlamaForCausalLM, TrainingArguments
 
 from napo_kernels import reference
-from napo_kernels.data import RecPreferenceDataset, generate_world, train_bpe_tokenizer
-from napo_kernels.packing import CandidateCollator
-from napo_kernels.trainer import LOSS_STATE_NAME, PreferenceTrainer, RecommenderSFTTrainer
+from napo_kernels.recommender.data import RecPreferenceDataset, generate_world, train_bpe_tokenizer
+from napo_kernels.recommender.packing import CandidateCollator
+from napo_kernels.recommender.trainer import LOSS_STATE_NAME, PreferenceTrainer, RecommenderSFTTrainer
 
 WORLD = generate_world(
     num_items=40,
@@ -104,7 +104,7 @@ def _reference_loss(method, policy, ref, k, users):
     kw = dict(method=method, beta=1.0)
     if method == "napo":
         kw |= dict(gamma=1.0, sharing="similarity", user_embeddings=users, rho=0.7, ema=0.0)
-    loss, _ = reference.preference_loss(policy[:, 0], policy[:, 1:], None, ref[:, 0], ref[:, 1:], **kw)
+    loss, _ = reference.family_loss(policy[:, 0], policy[:, 1:], None, ref[:, 0], ref[:, 1:], **kw)
     return loss
 
 

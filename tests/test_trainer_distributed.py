@@ -41,9 +41,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from napo_kernels.data import RecPreferenceDataset, generate_world, train_bpe_tokenizer
-from napo_kernels.packing import LAYOUTS, candidate_rows, layout_candidates
-from napo_kernels.trainer import PreferenceTrainer, RecommenderSFTTrainer
+from napo_kernels.recommender.data import RecPreferenceDataset, generate_world, train_bpe_tokenizer
+from napo_kernels.recommender.packing import LAYOUTS, candidate_rows, layout_candidates
+from napo_kernels.recommender.trainer import PreferenceTrainer, RecommenderSFTTrainer
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 6

@@ -31,8 +31,8 @@ from napo_kernels.kernels import torch_chunked  # noqa: E402
 if not nk.backends()["triton"].available:
     pytest.skip(f"triton backend unavailable: {nk.backends()['triton'].reason}", allow_module_level=True)
 
-from napo_kernels.kernels import triton_kernels as tk  # noqa: E402
-from napo_kernels.kernels import triton_linear_logprobs as tlin  # noqa: E402
+from napo_kernels.kernels import triton as tk  # noqa: E402
+from napo_kernels.kernels.triton import linear_logprobs as tlin  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore:napo. no margin_state:UserWarning")]
 
@@ -420,7 +420,7 @@ def test_napo_loss_triton_matches_torch(method, frozen, dtype):
 
 AOT_SCRIPT = """
 import torch
-from napo_kernels.kernels.triton_aot import compile_all
+from napo_kernels.kernels.triton.aot import compile_all
 results = compile_all((90,), quick=True, dtypes=(torch.bfloat16,), progress=False)
 for r in results:
     print(r.row())
@@ -431,7 +431,7 @@ assert len(results) == 6 and all(r.fits for r in results)
 def test_kernels_compile_for_sm90():
     """Every kernel (first autotune config, bfloat16) goes through Triton's real compiler and
     ptxas for sm_90, with shared memory under the H100 limit. Runs in a subprocess without
-    ``TRITON_INTERPRET`` (set in this one); ``python -m napo_kernels.kernels.triton_aot`` does all
+    ``TRITON_INTERPRET`` (set in this one); ``python -m napo_kernels.kernels.triton.aot`` does all
     configs, dtypes and sm_80."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; set only to silence its notice

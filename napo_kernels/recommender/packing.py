@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .logprobs import sequence_logprobs
+from ..logprobs import sequence_logprobs
 
 LAYOUTS = ("packed", "separate")
 

@@ -7,8 +7,8 @@ registers, spills and shared memory. This module drives Triton's own compiler (t
 known before any GPU exists. It must run without ``TRITON_INTERPRET=1`` (Triton then builds real
 kernels instead of interpreted ones).
 
-    python -m napo_kernels.kernels.triton_aot --arch 80 90            # every config, every dtype
-    python -m napo_kernels.kernels.triton_aot --arch 90 --quick       # one config per kernel
+    python -m napo_kernels.kernels.triton.aot --arch 80 90            # every config, every dtype
+    python -m napo_kernels.kernels.triton.aot --arch 90 --quick       # one config per kernel
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ def _cases(quick: bool, dtypes: tuple[torch.dtype, ...]) -> Iterator[tuple]:
     import triton
     import triton.language as tl
 
-    from . import triton_linear_logprobs as lin
-    from . import triton_logits_logprobs as logit
-    from . import triton_preference as pref
-    from .triton_utils import dot_precision, tl_acc, tl_dot_dtype
+    from . import linear_logprobs as lin
+    from . import logits_logprobs as logit
+    from . import preference as pref
+    from .utils import dot_precision, tl_acc, tl_dot_dtype
 
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 

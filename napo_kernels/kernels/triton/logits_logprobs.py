@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_utils import acc_dtype, configs, require_dtype, require_targets, row_major, tl_acc
+from .utils import acc_dtype, configs, require_dtype, require_targets, row_major, tl_acc
 
 # Candidates for Ampere/Hopper (unverified on hardware here): wide vocabulary tiles, few rows.
 _FORWARD_CONFIGS = [

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_utils import (
+from .utils import (
     INTERPRET,
     acc_dtype,
     configs,
@@ -41,7 +41,7 @@ from .triton_utils import (
     tl_dot_dtype,
 )
 
-# Candidates for Ampere/Hopper, chosen because `python -m napo_kernels.kernels.triton_aot` compiles
+# Candidates for Ampere/Hopper, chosen because `python -m napo_kernels.kernels.triton.aot` compiles
 # them for bf16/fp16 on sm_80 and sm_90 with no (at most 24 bytes of) register spills; their speed
 # is unmeasured (no GPU here).
 # BLOCK_* >= 16 for tl.dot.

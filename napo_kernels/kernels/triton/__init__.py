@@ -5,16 +5,16 @@ float16, bfloat16, float32 and float64 inputs with float32 accumulation (float64
 ``chunk_size`` is accepted and ignored: the kernels never materialise logits beyond register tiles.
 Every reduction runs in a fixed order (no atomics), so results are deterministic run to run.
 
-- stage 1 fused: :mod:`.triton_linear_logprobs`
-- stage 1 from logits: :mod:`.triton_logits_logprobs`
-- stage 2: :mod:`.triton_preference`
+- stage 1 fused: :mod:`.linear_logprobs`
+- stage 1 from logits: :mod:`.logits_logprobs`
+- stage 2: :mod:`.preference`
 """
 
 from __future__ import annotations
 
-from .triton_linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
-from .triton_logits_logprobs import logits_logprobs_bwd, logits_logprobs_fwd
-from .triton_preference import preference_fwd
+from .linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
+from .logits_logprobs import logits_logprobs_bwd, logits_logprobs_fwd
+from .preference import preference_fwd
 
 __all__ = [
     "linear_logprobs_bwd",

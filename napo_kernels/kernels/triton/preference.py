@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_utils import INTERPRET, acc_dtype, require_dtype, tl_acc
+from .utils import INTERPRET, acc_dtype, require_dtype, tl_acc
 
 AGG_LSE = 0
 AGG_MEAN = 1

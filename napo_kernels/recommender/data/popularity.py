@@ -1,6 +1,6 @@
 """Item popularity from a training split, the basis of the popularity-bias metrics.
 
-Definitions (used by :func:`napo_kernels.evaluation.popularity_metrics`):
+Definitions (used by :func:`napo_kernels.recommender.evaluation.popularity_metrics`):
 
 * **count** ``c(i)``: interactions of item ``i`` in the training split: its occurrences in
   histories plus its occurrences as the true next item (``source="both"``, default), or only one

@@ -1,5 +1,5 @@
 """Hugging Face ``transformers.Trainer`` integration: an SFT stage and a preference stage that
-run one packed forward per prompt (:mod:`napo_kernels.packing`), take the model body's last hidden
+run one packed forward per prompt (:mod:`napo_kernels.recommender.packing`), take the model body's last hidden
 states and the ``lm_head`` weight (full logits are never computed), and call the fused loss.
 
 * :class:`RecommenderSFTTrainer`: token-mean negative log-likelihood of the positive answer
@@ -32,10 +32,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .distributed import data_parallel_group
-from .losses import PreferenceLoss
+from ..distributed import data_parallel_group
+from ..losses import PreferenceLoss
+from ..plan import METHODS
 from .packing import CandidateCollator, candidate_logps, candidate_rows, causal_lm_parts, resolve_layout
-from .plan import METHODS
 
 LOSS_STATE_NAME = "napo_loss_state.pt"
 REFERENCES = ("auto", "adapters", "model", "none")

@@ -1,4 +1,4 @@
-"""Map-style torch datasets of *text* features; the collator in :mod:`napo_kernels.packing`
+"""Map-style torch datasets of *text* features; the collator in :mod:`napo_kernels.recommender.packing`
 tokenizes them and builds the packed layout.
 
 Every item is a dict ``{"index", "prompt", "candidates", "history"}`` where ``candidates[0]`` is
@@ -19,7 +19,7 @@ from .templates import AlpacaTemplate, RecPromptTemplate
 class RecPreferenceDataset(Dataset):
     """Next-item examples with ``num_negatives`` sampled negatives each (0: the SFT stage).
 
-    Call :meth:`set_epoch` at each epoch to resample (the trainers in :mod:`napo_kernels.trainer`
+    Call :meth:`set_epoch` at each epoch to resample (the trainers in :mod:`napo_kernels.recommender.trainer`
     do it); with ``mode="fixed"`` the negatives never change.
     """
 

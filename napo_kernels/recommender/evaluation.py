@@ -13,7 +13,7 @@ popularity-bias metrics.
 * **AUC** (DMPO protocol): for each ``[chosen, rejected]`` row, with probability 0.5 (a
   ``random.Random(42)`` stream) the chosen answer's mean token log-prob with label 1, otherwise the
   rejected one's with label 0; ROC-AUC over those (Mann-Whitney, ties counted half).
-* **Popularity bias** (with :class:`napo_kernels.data.ItemPopularity`, counts from the training
+* **Popularity bias** (with :class:`napo_kernels.recommender.data.ItemPopularity`, counts from the training
   split): mean popularity percentile of the top-1 recommendations (``top1_percentile``) next to
   that of the true items (``true_percentile``); the ratio of their mean interaction counts
   (``count_ratio``, 1 = as popular as the truth, above 1 = biased to popular items); and the share
