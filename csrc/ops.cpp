@@ -4,6 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "cpu/tiled_linear.h"
+
 // `import napo_kernels._C` loads this shared library, which runs the registrations below; the
 // module itself is empty (the ops live in torch.ops.napo_C).
 extern "C" PyObject* PyInit__C(void) {
@@ -20,11 +24,21 @@ bool has_cuda() {
   return false;
 #endif
 }
+
+// The [rows, columns] logits block the CPU kernel works in for a [chunk_size, vocab] budget: the
+// plan of csrc/cpu/tiled_linear.h itself (NAPO_KERNELS_CPU_VOCAB_TILE included), so that Python
+// reports (napo_kernels.kernels.extension.cpu_block_shape) can never drift from the kernel.
+std::vector<int64_t> cpu_block_shape(int64_t rows, int64_t vocab, int64_t chunk_size) {
+  TORCH_CHECK_VALUE(rows >= 0 && vocab >= 0 && chunk_size >= 1, "napo_C::cpu_block_shape: needs rows >= 0, ",
+                    "vocab >= 0 and chunk_size >= 1, got ", rows, ", ", vocab, ", ", chunk_size);
+  const napo::cpu::TilePlan plan = napo::cpu::plan_tiles(rows, vocab, chunk_size);
+  return {napo::cpu::block_rows(plan, rows), plan.width};
+}
 }  // namespace
 
 TORCH_LIBRARY(napo_C, m) {
   // The fake (meta) implementations for torch.compile / opcheck are registered in Python.
-  m.set_python_module("napo_kernels.kernels.cpp");
+  m.set_python_module("napo_kernels.kernels.extension");
   m.def(
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int chunk_size, "
       "bool compute_expected) -> (Tensor logp, Tensor lse, Tensor expected)");
@@ -38,4 +52,5 @@ TORCH_LIBRARY(napo_C, m) {
       "preference_fwd(Tensor chosen, Tensor rejected, Tensor select, Tensor coef, Tensor margin, int agg) "
       "-> (Tensor rows, Tensor weights)");
   m.def("has_cuda() -> bool", &has_cuda);
+  m.def("cpu_block_shape(int rows, int vocab, int chunk_size) -> int[]", &cpu_block_shape);
 }
