@@ -60,6 +60,12 @@ inline TilePlan plan_tiles(int64_t rows, int64_t vocab, int64_t chunk_size) {
   return {std::max(chunk, reshaped), width, true};
 }
 
+// Rows of the logits block a plan allocates for `rows` rows (the untiled loop too: its chunks are
+// plan.rows = chunk_size rows of the whole vocabulary).
+inline int64_t block_rows(const TilePlan& plan, int64_t rows) {
+  return std::min(plan.rows, rows);
+}
+
 inline std::optional<at::Tensor> bias_tile(const std::optional<at::Tensor>& bias, int64_t v0, int64_t w) {
   return bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, v0, w)) : std::nullopt;
 }
@@ -78,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor
 
   at::Tensor run_max = at::full({rows}, -std::numeric_limits<double>::infinity(), acc);
   at::Tensor run_sum = at::zeros({rows}, acc), target_logit = at::empty({rows}, acc);
-  at::Tensor scale = at::empty({std::min(plan.rows, rows)}, acc);
-  at::Tensor block = at::empty({std::min(plan.rows, rows) * plan.width}, hidden.options());
+  at::Tensor scale = at::empty({block_rows(plan, rows)}, acc);
+  at::Tensor block = at::empty({block_rows(plan, rows) * plan.width}, hidden.options());
   const bool acc_is_input = acc.dtype() == hidden.dtype();
   // fp16 (largest value 65504): a tile's product with unnormalised probabilities (up to 1 each) can
   // overflow, so they are kept normalised by the running sum (one more rescale per tile and row)
@@ -133,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(const at::Tensor
 
   auto [d_hidden, d_weight, d_bias] = linear_grads_begin(hidden, weight, need_hidden, need_weight, need_bias);
   if (rows > 0 && (need_hidden || need_weight || need_bias)) {
-    const int64_t max_rows = std::min(plan.rows, rows);
+    const int64_t max_rows = block_rows(plan, rows);
     at::Tensor block = at::empty({max_rows * plan.width}, hidden.options());
     // fp16/bf16: a chunk's hidden gradient is summed over the tiles in fp32
     at::Tensor dh_sum = need_hidden && !acc_is_input ? at::empty({max_rows, width}, acc) : at::Tensor();

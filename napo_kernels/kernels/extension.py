@@ -9,8 +9,6 @@ fake (meta) implementations, so ``torch.compile`` and ``torch.library.opcheck`` 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -20,29 +18,14 @@ from .torch_chunked import acc_dtype
 
 _ops = torch.ops.napo_C
 
-# The CPU kernel's vocabulary tiling (csrc/cpu/tiled_linear.h), mirrored for reports and tests.
-CPU_VOCAB_TILE = 512
-CPU_MAX_CHUNK_ROWS = 1024
-
-
-def cpu_vocab_tile() -> int:
-    """Vocabulary columns per tile: 512, or ``NAPO_KERNELS_CPU_VOCAB_TILE`` when set (as the kernel)."""
-    try:
-        width = int(os.environ.get("NAPO_KERNELS_CPU_VOCAB_TILE", ""))
-    except ValueError:
-        return CPU_VOCAB_TILE
-    return width if width > 0 else CPU_VOCAB_TILE
-
 
 def cpu_block_shape(rows: int, vocab: int, chunk_size: int) -> tuple[int, int]:
     """``(rows, columns)`` of the logits block the CPU kernel works in for a ``[chunk_size, V]``
     budget: the whole vocabulary when it fits one tile, else the budget reshaped into tiles of up
-    to 1024 rows x 512 columns (never fewer rows than ``chunk_size``)."""
-    width = cpu_vocab_tile()
-    if vocab <= width:
-        return min(chunk_size, rows), vocab
-    chunk = max(1, min(chunk_size, rows))
-    return min(max(chunk, min(CPU_MAX_CHUNK_ROWS, chunk * (vocab // width))), rows), width
+    to 1024 rows x 512 columns (never fewer rows than ``chunk_size``). Computed by the kernel's own
+    plan (``csrc/cpu/tiled_linear.h``), ``NAPO_KERNELS_CPU_VOCAB_TILE`` included."""
+    block_rows, width = _ops.cpu_block_shape(rows, vocab, chunk_size)
+    return block_rows, width
 
 
 def linear_logprobs_fwd(
