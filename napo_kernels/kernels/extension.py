@@ -14,7 +14,7 @@ from torch import Tensor
 
 import napo_kernels._C  # noqa: F401  (loads the library that registers torch.ops.napo_C)
 
-from .torch_chunked import acc_dtype
+from . import fakes
 
 _ops = torch.ops.napo_C
 
@@ -73,44 +73,29 @@ def preference_fwd(
     return _ops.preference_fwd(chosen, rejected, select, coef, margin, agg)
 
 
-# ---------------------------------------------------------------------------------------------
-# Fake implementations: output shapes and dtypes only (they mirror csrc/chunked_linear.h).
-# ---------------------------------------------------------------------------------------------
+# Fake implementations: the shapes of kernels/fakes.py (one definition for every op family).
 
 
 @torch.library.register_fake("napo_C::linear_logprobs_fwd")
 def _(hidden, weight, bias, targets, chunk_size, compute_expected):
-    acc = acc_dtype(hidden.dtype)
-    rows = hidden.shape[0]
-    expected_shape = (rows, hidden.shape[1]) if compute_expected else (0,)
-    return (
-        hidden.new_empty(rows, dtype=acc),
-        hidden.new_empty(rows, dtype=acc),
-        hidden.new_empty(expected_shape, dtype=acc),
-    )
+    return fakes.linear_logprobs_fwd(hidden, compute_expected)
 
 
 @torch.library.register_fake("napo_C::linear_logprobs_bwd")
 def _(grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias):
-    bias_dtype = bias.dtype if bias is not None else weight.dtype
-    return (
-        hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
-        weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
-        weight.new_empty(weight.shape[0], dtype=bias_dtype) if need_bias else weight.new_empty(0),
-    )
+    return fakes.linear_logprobs_bwd(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 @torch.library.register_fake("napo_C::logits_logprobs_fwd")
 def _(logits, targets):
-    acc = acc_dtype(logits.dtype)
-    return logits.new_empty(logits.shape[0], dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)
+    return fakes.logits_logprobs_fwd(logits)
 
 
 @torch.library.register_fake("napo_C::logits_logprobs_bwd")
 def _(grad, logits, targets, lse):
-    return logits.new_empty(logits.shape)
+    return fakes.logits_logprobs_bwd(logits)
 
 
 @torch.library.register_fake("napo_C::preference_fwd")
 def _(chosen, rejected, select, coef, margin, agg):
-    return chosen.new_empty(chosen.shape), chosen.new_empty(select.shape)
+    return fakes.preference_fwd(chosen, select)

@@ -73,8 +73,9 @@ def linear_logprobs_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     acc = acc_dtype(hidden.dtype)
     rows = hidden.shape[0]
-    d_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-    d_weight = torch.zeros_like(weight, dtype=acc) if need_weight else weight.new_empty(0)
+    # contiguous outputs, as every backend and the fakes (kernels/fakes.py)
+    d_hidden = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
+    d_weight = weight.new_zeros(weight.shape, dtype=acc) if need_weight else weight.new_empty(0)
     d_bias = (
         torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     )
@@ -118,7 +119,7 @@ def logits_logprobs_bwd(
     grad: Tensor, logits: Tensor, targets: Tensor, lse: Tensor, chunk_size: int
 ) -> Tensor:
     acc = acc_dtype(logits.dtype)
-    out = torch.empty_like(logits)
+    out = logits.new_empty(logits.shape)
     for lo in range(0, logits.shape[0], chunk_size):
         hi = min(lo + chunk_size, logits.shape[0])
         # out-of-place first op: for fp32/fp64 ``.to(acc)`` is the caller's tensor itself

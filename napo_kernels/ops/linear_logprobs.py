@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..kernels.torch_chunked import acc_dtype
+from ..kernels import fakes
 
 
 @torch.library.custom_op("napo_kernels::linear_logprobs", mutates_args=())
@@ -35,14 +35,7 @@ def linear_logprobs(
 
 @linear_logprobs.register_fake
 def _(hidden, weight, bias, targets, chunk_size, compute_expected, backend):
-    acc = acc_dtype(hidden.dtype)
-    rows = hidden.shape[0]
-    expected_shape = hidden.shape if compute_expected else (0,)
-    return (
-        hidden.new_empty(rows, dtype=acc),
-        hidden.new_empty(rows, dtype=acc),
-        hidden.new_empty(expected_shape, dtype=acc),
-    )
+    return fakes.linear_logprobs_fwd(hidden, compute_expected)
 
 
 @torch.library.custom_op("napo_kernels::linear_logprobs_backward", mutates_args=())
@@ -66,13 +59,7 @@ def linear_logprobs_backward(
 
 @linear_logprobs_backward.register_fake
 def _(grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias, backend):
-    return (
-        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-        torch.empty_like(weight) if need_weight else weight.new_empty(0),
-        weight.new_empty(weight.shape[0], dtype=bias.dtype if bias is not None else weight.dtype)
-        if need_bias
-        else weight.new_empty(0),
-    )
+    return fakes.linear_logprobs_bwd(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup_context(ctx, inputs, output) -> None:

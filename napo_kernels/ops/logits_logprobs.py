@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..kernels.torch_chunked import acc_dtype
+from ..kernels import fakes
 
 
 @torch.library.custom_op("napo_kernels::logits_logprobs", mutates_args=())
@@ -20,8 +20,7 @@ def logits_logprobs(logits: Tensor, targets: Tensor, chunk_size: int, backend: s
 
 @logits_logprobs.register_fake
 def _(logits, targets, chunk_size, backend):
-    acc = acc_dtype(logits.dtype)
-    return logits.new_empty(logits.shape[0], dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)
+    return fakes.logits_logprobs_fwd(logits)
 
 
 @torch.library.custom_op("napo_kernels::logits_logprobs_backward", mutates_args=())
@@ -33,7 +32,7 @@ def logits_logprobs_backward(
 
 @logits_logprobs_backward.register_fake
 def _(grad, logits, targets, lse, chunk_size, backend):
-    return torch.empty_like(logits)
+    return fakes.logits_logprobs_bwd(logits)
 
 
 def _setup_context(ctx, inputs, output) -> None:
