@@ -33,7 +33,11 @@ def _extension_error() -> str:
     try:
         importlib.import_module("napo_kernels._C")
     except (ImportError, OSError) as exc:  # not built, or built against another torch
-        return f"C++ extension napo_kernels._C not importable ({exc}); reinstall with `make install`"
+        return (
+            f"C++ extension napo_kernels._C not importable ({exc}); build it against the installed "
+            f"torch {torch.__version__}: `pip install --no-build-isolation .` in the napo-kernels clone "
+            "(add -e for an editable install), or `make setup` there for its .venv"
+        )
     return ""
 
 
