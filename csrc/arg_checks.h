@@ -33,8 +33,9 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& x, a
   TORCH_CHECK_VALUE(x.sizes() == want, op, ": ", name, " must have shape ", want, ", got ", x.sizes());
 }
 
-// targets: int64 [rows], same device as the data. The values are range-checked by the device code
-// (the CPU scans them; the CUDA kernels turn an out-of-range row into NaN to avoid a host sync).
+// targets: int64 [rows], same device as the data. Their values are trusted, not checked: the public
+// API (napo_kernels.sequence_logprobs / napo_loss) validates labels once, naming the sequence. The
+// row passes never read outside a row: an out-of-range target gives that row logp = NaN.
 inline void check_targets(const char* op, const at::Tensor& targets, const at::Tensor& ref, int64_t rows) {
   check_device(op, "targets", targets, ref);
   check_dtype(op, "targets", targets, at::kLong);

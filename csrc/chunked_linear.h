@@ -1,12 +1,11 @@
 // The device-independent part of stage 1: the chunk loop and its GEMMs (ATen: MKL/oneDNN on CPU,
 // cuBLAS on CUDA). Each device supplies its fused per-row passes as a `Passes` policy:
 //
-//   Passes::check_targets(targets, vocab)
 //   Passes::logprob_rows(logits [n, V], probs [n, V] or undefined, targets, logp, lse)
 //   Passes::logit_grad_rows(in [n, V], out [n, V], targets, grad, lse, d_bias or undefined)
 //
 // (contracts as in csrc/cpu/row_kernels.h). The CPU build instantiates it with the CPU passes, so
-// the CPU tests also cover the loop the CUDA build runs.
+// the CPU tests also cover the loop the CUDA build runs. Targets are trusted (arg_checks.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -74,7 +73,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Ten
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous();
-  Passes::check_targets(targets, vocab);
   auto [logp, lse, expected] = linear_fwd_outputs(hidden, compute_expected);
   if (rows == 0) return {logp, lse, expected};
 
@@ -110,7 +108,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous(), grad = grad_in.contiguous(), lse = lse_in.contiguous();
-  Passes::check_targets(targets, vocab);
   const bool acc_is_input = acc.dtype() == hidden.dtype();
 
   auto [d_hidden, d_weight, d_bias] = linear_grads_begin(hidden, weight, need_hidden, need_weight, need_bias);
@@ -146,7 +143,6 @@ template <class Passes>
 std::tuple<at::Tensor, at::Tensor> logits_logprobs_fwd(const at::Tensor& logits_in, const at::Tensor& targets_in) {
   check_logits("napo_C::logits_logprobs_fwd", logits_in, targets_in);
   const at::Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
-  Passes::check_targets(targets, logits.size(1));
   const auto acc = logits.options().dtype(acc_type(logits.scalar_type()));
   at::Tensor logp = at::empty({logits.size(0)}, acc), lse = at::empty({logits.size(0)}, acc);
   if (logits.size(0) > 0) Passes::logprob_rows(logits, at::Tensor(), targets, logp, lse);
@@ -161,7 +157,6 @@ at::Tensor logits_logprobs_bwd(const at::Tensor& grad_in, const at::Tensor& logi
   check_row_vector(op, "grad", grad_in, logits_in);
   check_row_vector(op, "lse", lse_in, logits_in);
   const at::Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
-  Passes::check_targets(targets, logits.size(1));
   at::Tensor out = at::empty(logits.sizes(), logits.options());
   if (logits.numel() > 0)
     Passes::logit_grad_rows(logits, out, targets, grad_in.contiguous(), lse_in.contiguous(), at::Tensor());

@@ -63,7 +63,11 @@ def _flat_layout(
 def _scored_rows(
     labels: Tensor, seq: Tensor, vocab: int, ignore_index: int, out_shape: tuple[int, ...]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(mask [N], targets [R], sequence of each row [R])``; rejects labels outside ``[0, V)``."""
+    """``(mask [N], targets [R], sequence of each row [R])``; rejects labels outside ``[0, V)``.
+
+    The one check of label values (a host sync): the custom ops and kernels below trust their
+    targets, so both public stage-1 functions (and ``napo_loss`` through them) call this first.
+    """
     mask = labels != ignore_index
     targets = labels[mask]
     if targets.numel():

@@ -2,7 +2,8 @@
 // the file that implements them compiles in seconds). F is a storage format of formats.h (Float32,
 // Float64, Float16, BFloat16): Storage<F> is the stored type (raw bits for fp16/bf16), AccOf<F> the
 // accumulation type (double for Float64, float otherwise).
-// Targets are assumed valid (in [0, vocab)): the ATen wrappers check them first. `threads` is the
+// Targets are trusted (the public API validates labels); the passes never read outside a row: a
+// target outside [0, vocab) gives logp = NaN (one compare per row). `threads` is the
 // OpenMP team size (the caller passes torch's intra-op thread count, so torch.set_num_threads holds).
 #pragma once
 

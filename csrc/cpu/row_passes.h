@@ -54,7 +54,9 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
       acc = lse_merge(acc, block_lse<F>(x + lo, std::min(kRowBlock, vocab - lo)));
     const Acc row_lse = lse_value(acc);
     lse[r] = row_lse;
-    logp[r] = F::load(x[targets[r]]) - row_lse;
+    // the one check on a target: a bounds guard for memory safety (its value is trusted otherwise)
+    const int64_t y = targets[r];
+    logp[r] = 0 <= y && y < vocab ? F::load(x[y]) - row_lse : static_cast<Acc>(NAN);
     if (probs != nullptr) {
       T* p = probs + r * vocab;
 #pragma omp simd

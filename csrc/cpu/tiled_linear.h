@@ -78,12 +78,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous();
-  Passes::check_targets(targets, vocab);
   auto [logp, lse, expected] = linear_fwd_outputs(hidden, compute_expected);
   if (rows == 0) return {logp, lse, expected};
 
   at::Tensor run_max = at::full({rows}, -std::numeric_limits<double>::infinity(), acc);
-  at::Tensor run_sum = at::zeros({rows}, acc), target_logit = at::empty({rows}, acc);
+  at::Tensor run_sum = at::zeros({rows}, acc);
+  // NaN until a tile holds the target: an out-of-range target (never checked) leaves logp = NaN
+  at::Tensor target_logit = at::full({rows}, std::numeric_limits<double>::quiet_NaN(), acc);
   at::Tensor scale = at::empty({block_rows(plan, rows)}, acc);
   at::Tensor block = at::empty({block_rows(plan, rows) * plan.width}, hidden.options());
   const bool acc_is_input = acc.dtype() == hidden.dtype();
@@ -134,7 +135,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(const at::Tensor
   const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous(), grad = grad_in.contiguous(), lse = lse_in.contiguous();
-  Passes::check_targets(targets, vocab);
   const bool acc_is_input = acc.dtype() == hidden.dtype();
 
   auto [d_hidden, d_weight, d_bias] = linear_grads_begin(hidden, weight, need_hidden, need_weight, need_bias);

@@ -1,6 +1,8 @@
 // CUDA implementations of the napo_C ops (compiled only in a CUDA build): the shared chunk loop
 // (chunked_linear.h, GEMMs through ATen/cuBLAS) with the fused row passes of row_kernels.cu, and
 // stage 2 from preference.cu. This file wraps tensors; the .cu files see raw pointers only.
+// Inputs are trusted beyond their shapes and dtypes (csrc/arg_checks.h): the public API validates
+// labels once; a target outside [0, V) gives its row logp = NaN on the device (no host sync).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -37,10 +39,6 @@ void check_launch(const char* error, const char* kernel) {
 }
 
 struct CudaPasses {
-  // No host-side scan (it would synchronise): the forward kernel writes logp = NaN for a row whose
-  // target is outside [0, V), and the backward gives such a row no one-hot term.
-  static void check_targets(const at::Tensor&, int64_t) {}
-
   static void logprob_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
                            at::Tensor logp, at::Tensor lse) {
     const c10::cuda::CUDAGuard guard(logits.device());

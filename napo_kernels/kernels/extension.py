@@ -4,7 +4,8 @@ The C++ ops are declared once in ``csrc/ops.cpp`` with ``TORCH_LIBRARY`` schemas
 per device (``csrc/cpu``, ``csrc/cuda``); the dispatcher picks the implementation from the tensors'
 device. Contract: as in ``napo_kernels.kernels.torch_chunked``. This module also registers the
 fake (meta) implementations, so ``torch.compile`` and ``torch.library.opcheck`` can trace the ops
-(``csrc/ops.cpp`` names this module as the place they live).
+(``csrc/ops.cpp`` names this module as the place they live). The ops check shapes and dtypes but
+trust target values (the public API validates labels; an out-of-range target gives ``logp = NaN``).
 """
 
 from __future__ import annotations

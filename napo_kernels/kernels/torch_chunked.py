@@ -12,6 +12,11 @@ Every backend implements these five functions with the same contract (see ``napo
   ``logits_logprobs_bwd(grad, logits, targets, lse, chunk_size) -> d_logits``.
 - ``preference_fwd(chosen [B], rejected [M], select [B,M], coef [B,M], margin [B,M], agg)
   -> (loss_rows [B], weights [B,M])`` where ``weights = dL_i / dDelta_{i,n}``.
+
+Who validates: the public API (``sequence_logprobs``, ``napo_loss``) checks labels once, with an
+error naming the sequence; kernels trust their inputs and do not re-check target values. None reads
+outside a row for a target outside ``[0, V)``: the cpp, cuda and triton kernels give that row
+``logp = NaN``, this backend raises torch's own index error.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ def linear_logprobs(
     compute_expected: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(logp, lse, expected)`` of ``hidden @ weight^T (+ bias)`` on ``backend``.
+
+    Inputs are trusted: ``targets`` must lie in ``[0, V)`` (not re-checked here; the public API
+    validates labels, see ``napo_kernels.kernels.torch_chunked``)."""
     return dispatch.kernels(backend).linear_logprobs_fwd(
         hidden, weight, bias, targets, chunk_size, compute_expected
     )
@@ -52,6 +56,7 @@ def linear_logprobs_backward(
     need_bias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d_hidden, d_weight, d_bias)`` of ``sum(grad * logp)``; inputs trusted as in the forward."""
     return dispatch.kernels(backend).linear_logprobs_bwd(
         grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias
     )

@@ -15,6 +15,8 @@ from ..kernels import fakes
 
 @torch.library.custom_op("napo_kernels::logits_logprobs", mutates_args=())
 def logits_logprobs(logits: Tensor, targets: Tensor, chunk_size: int, backend: str) -> tuple[Tensor, Tensor]:
+    """Per-row ``(logp, lse)`` on ``backend``. Inputs are trusted: ``targets`` must lie in
+    ``[0, V)`` (not re-checked here; the public API validates labels)."""
     return dispatch.kernels(backend).logits_logprobs_fwd(logits, targets, chunk_size)
 
 
@@ -27,6 +29,7 @@ def _(logits, targets, chunk_size, backend):
 def logits_logprobs_backward(
     grad: Tensor, logits: Tensor, targets: Tensor, lse: Tensor, chunk_size: int, backend: str
 ) -> Tensor:
+    """``d logits = grad (onehot - softmax)``; inputs trusted as in the forward."""
     return dispatch.kernels(backend).logits_logprobs_bwd(grad, logits, targets, lse, chunk_size)
 
 

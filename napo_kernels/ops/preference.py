@@ -26,6 +26,8 @@ def preference_rows(
     agg: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    """``(loss_rows, weights)`` on ``backend``. Inputs are trusted (the public API validates them;
+    every row must select at least one negative)."""
     return dispatch.kernels(backend).preference_fwd(chosen, rejected, select, coef, margin, agg)
 
 

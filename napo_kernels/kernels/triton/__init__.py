@@ -4,6 +4,7 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow: for 
 float16, bfloat16, float32 and float64 inputs with float32 accumulation (float64 for float64).
 ``chunk_size`` is accepted and ignored: the kernels never materialise logits beyond register tiles.
 Every reduction runs in a fixed order (no atomics), so results are deterministic run to run.
+Target values are trusted, not checked (the public API validates labels; see ``torch_chunked``).
 
 - stage 1 fused: :mod:`.linear_logprobs`
 - stage 1 from logits: :mod:`.logits_logprobs`

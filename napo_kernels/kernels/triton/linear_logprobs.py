@@ -244,7 +244,7 @@ def _check(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor)
         require_matching("bias", bias, "weight", weight)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be [V={weight.shape[0]}], got {list(bias.shape)}")
-    require_targets(targets, hidden.shape[0], weight.shape[0])
+    require_targets(targets, hidden.shape[0])
 
 
 def _common(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> dict:
@@ -301,7 +301,8 @@ def linear_logprobs_fwd(
         r, v, h, hidden.stride(0), weight.stride(0), **_common(hidden, weight, bias),
     )  # fmt: skip
     lse = torch.logsumexp(run_max + run_sum.log(), dim=0)  # combine the splits: [splits, R] -> [R]
-    logp = picked.sum(0) - lse
+    # targets are trusted (no host sync to check them): one outside [0, V) picked nothing, so NaN
+    logp = torch.where((targets >= 0) & (targets < v), picked.sum(0) - lse, float("nan"))
     if compute_expected:
         expected = _hidden_pass(lse, hidden, weight, bias, targets, lse, True, splits)
     return logp, lse, expected

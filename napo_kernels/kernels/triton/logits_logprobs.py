@@ -57,7 +57,9 @@ def _forward_kernel(
         picked += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), 1)
     lse = run_max + tl.log(tl.where(row_ok, run_sum, 1.0))  # padding rows: no log(0)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(logp_ptr + rows, picked - lse, mask=row_ok)
+    # targets are trusted (not checked on the host): one outside [0, V) picked nothing, so NaN
+    logp = tl.where((target >= 0) & (target < V), picked - lse, float("nan"))
+    tl.store(logp_ptr + rows, logp, mask=row_ok)
 
 
 @triton.autotune(configs=configs(_BACKWARD_CONFIGS, _INTERPRETER_CONFIG), key=["V"])
@@ -88,7 +90,7 @@ def _check(logits: Tensor, targets: Tensor) -> None:
         raise ValueError(f"logits must be [R, V], got {list(logits.shape)}")
     if logits.shape[1] == 0:
         raise ValueError("logits has an empty vocabulary (V = 0): no log-probability is defined")
-    require_targets(targets, logits.shape[0], logits.shape[1])
+    require_targets(targets, logits.shape[0])
 
 
 def logits_logprobs_fwd(logits: Tensor, targets: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
