@@ -4,6 +4,7 @@ NAPO's margin state survives a checkpoint."""
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -208,6 +209,26 @@ def test_margin_state_is_saved_and_restored(tmp_path):
     fresh.train(resume_from_checkpoint=str(ckpt))
     assert int(fresh.criterion.margin.steps) == fresh.state.global_step >= 2
     assert not fresh.load_loss_state(str(tmp_path / "nowhere"))
+
+
+def test_resuming_from_a_checkpoint_without_the_loss_state_warns(tmp_path):
+    ds = RecPreferenceDataset(WORLD.train, num_negatives=3)
+    args = targs(tmp_path, save_strategy="steps", save_steps=2, max_steps=2)
+
+    def trainer(method: str) -> PreferenceTrainer:
+        model = lora(tiny_llama(), random_b=False)
+        return PreferenceTrainer(model, args, method=method, train_dataset=ds, processing_class=TOK)
+
+    trainer("napo").train()
+    ckpt = tmp_path / "checkpoint-2"
+    (ckpt / LOSS_STATE_NAME).unlink()  # as a checkpoint of a plain Trainer
+    afresh = f"has no {LOSS_STATE_NAME}: the loss state \\(margin.ema, margin.steps\\) starts afresh"
+    with pytest.warns(UserWarning, match=afresh):
+        trainer("napo").train(resume_from_checkpoint=str(ckpt))
+    with warnings.catch_warnings(record=True) as caught:  # a stateless loss loses nothing
+        warnings.simplefilter("always")
+        trainer("s_dpo").train(resume_from_checkpoint=str(ckpt))
+    assert not [w for w in caught if LOSS_STATE_NAME in str(w.message)]
 
 
 def test_full_finetuning_uses_a_frozen_copy_and_reference_free_mode(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections import defaultdict
 
 import torch
@@ -304,7 +305,14 @@ class PreferenceTrainer(_CandidateTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.load_loss_state(resume_from_checkpoint)
+        if not self.load_loss_state(resume_from_checkpoint) and self.criterion.state_dict():
+            # e.g. a checkpoint written by a plain Trainer: the run goes on, but not as it would have
+            warnings.warn(
+                f"resuming from {resume_from_checkpoint}, which has no {LOSS_STATE_NAME}: the loss state "
+                f"({', '.join(self.criterion.state_dict())}) starts afresh, so the "
+                "resumed run differs from an uninterrupted one",
+                stacklevel=2,
+            )
 
     def load_loss_state(self, checkpoint_dir: str) -> bool:
         """Restore the loss state saved in ``checkpoint_dir``; False when the file is absent."""
