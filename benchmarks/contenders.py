@@ -58,10 +58,7 @@ def label(name: str) -> str:
 
 def _loss_from_scores(scores: Tensor, shape: Shape) -> Tensor:
     """The reference loss (mean over prompts) from ``scores [B, C]``; candidate 0 is the positive."""
-    gamma = 1.0 if shape.method == "napo" else 0.0  # NAPO's released default gamma_0 = 1
-    loss, _ = reference.family_loss(
-        scores[:, 0], scores[:, 1:], method=shape.method, sharing=shape.sharing, gamma=gamma
-    )
+    loss, _ = reference.family_loss(scores[:, 0], scores[:, 1:], method=shape.method, sharing=shape.sharing)
     return loss
 
 

@@ -172,9 +172,9 @@ def time_stage2(shapes: list[Shape], backend: str, device: str, reps: int = 40) 
 
         def step(shape=shape, chosen=chosen, rejected=rejected) -> None:
             margin = napo_kernels.DynamicMargin(1.0) if shape.method == "napo" else None
-            out = napo_kernels.preference_loss(chosen, rejected, method=shape.method, sharing=shape.sharing,
-                                               margin_state=margin, backend=backend)  # fmt: skip
-            out.loss.backward()
+            loss = napo_kernels.preference_loss(chosen, rejected, method=shape.method, sharing=shape.sharing,
+                                                margin_state=margin, backend=backend)  # fmt: skip
+            loss.backward()
             sync(device)
 
         step()

@@ -6,11 +6,12 @@ log-probability per candidate sequence without materialising the logits; stage 2
 a (shared) negative pool; :func:`napo_loss` does both.
 """
 
+from .config import METHODS, LossConfig
 from .dispatch import BackendInfo, backends
 from .logprobs import choose_chunk_size, sequence_logprobs, sequence_logprobs_from_logits
-from .losses import PreferenceLoss, PreferenceOutput, napo_loss, preference_loss
+from .losses import PreferenceLoss, napo_loss, preference_loss
 from .margin import DynamicMargin
-from .plan import METHODS
+from .pipeline import PreferenceOutput
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "METHODS",
     "BackendInfo",
     "DynamicMargin",
+    "LossConfig",
     "PreferenceLoss",
     "PreferenceOutput",
     "backends",

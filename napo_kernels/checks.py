@@ -12,7 +12,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def require_tensor(name: str, x: object) -> Tensor:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        hint = (
+            " (convert it with torch.as_tensor)"
+            if isinstance(x, (list, tuple)) or hasattr(x, "__array__")
+            else ""
+        )
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")
     return x
 
 
@@ -66,3 +71,17 @@ def require_chunk_size(chunk_size: int | None) -> None:
 def require_rho(rho: float) -> None:
     if not 0.0 < rho <= 1.0:
         raise ValueError(f"rho must lie in (0, 1], got {rho}")
+
+
+def require_mask(name: str, x: Tensor) -> None:
+    """A validity mask: bool, or an integer tensor of 0/1 (a float 0.5 is not silently True)."""
+    if x.dtype == torch.bool:
+        return
+    if x.dtype.is_floating_point or x.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool tensor (True where the entry exists), got {x.dtype}")
+    bad = (x != 0) & (x != 1)
+    if bool(bad.any()):
+        where = torch.nonzero(bad)[0].tolist()
+        raise ValueError(
+            f"{name} must hold only 0/1 (or be bool), got {int(x[tuple(where)])} at index {where}"
+        )

@@ -33,9 +33,9 @@ of times than the others still leaves them waiting (until the process group's ti
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -43,13 +43,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import checks
-from .kernels.torch_chunked import acc_dtype
-from .logprobs import _resolve_backend
-from .losses import PreferenceOutput, _default_sharing, _make_plan, _metrics, _validate
+from . import pipeline
+from .config import LossConfig
+from .logprobs import resolve_backend
 from .margin import MARGIN_MODES, DynamicMargin
-from .ops.preference import preference_rows
-from .plan import METHODS, share_matrix
+from .plan import negative_pool, share_matrix
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -122,37 +120,13 @@ def all_gather_rows(x: Tensor, process_group: ProcessGroup, sizes: list[int] | N
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SHARING = ("own", "all", "similarity", "matrix")
 _BOOL, _FLOAT, _NEAR = "bool", "float", "float within 1e-9"
-# (name in error messages, how to print it); "status" and "prompts" may differ across ranks.
-_FIELDS: tuple[tuple[str, object], ...] = (
-    ("status", None),
-    ("prompts", None),
-    ("K (negatives per prompt)", None),
-    ("score dtype", _DTYPES),
-    ("method", METHODS),
-    ("sharing", _SHARING),
-    ("sharing matrix rows", None),
-    ("sharing matrix columns", None),
-    ("reference scores given", _BOOL),
-    ("confidence given", _BOOL),
-    ("user embedding size", None),
-    ("rejected_logps requires grad", _BOOL),  # decides whether backward runs a collective
-    ("detach_shared", _BOOL),
-    ("beta", _FLOAT),
-    ("gamma", _FLOAT),
-    ("rho", _FLOAT),
-    ("tau", _FLOAT),
-    ("margin gamma0", _FLOAT),
-    ("margin alpha", _FLOAT),
-    ("margin mu", _FLOAT),
-    ("margin mode", MARGIN_MODES),
-    # all-reduce results may differ across ranks in the last bit: compare with a tolerance
-    ("margin EMA", _NEAR),
-)
 _OK, _INVALID = 0, 1
+# A fingerprint entry: (name in error messages, how to compare and print it, int64 code).
+Entry = tuple[str, object, int]
 
 
-def _bits(value: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+def _bits(value: float | None) -> int:
+    return struct.unpack("<q", struct.pack("<d", float("nan") if value is None else float(value)))[0]
 
 
 def _float(code: int) -> float:
@@ -174,8 +148,49 @@ def _show(kind: object, code: int) -> str:
     if kind == _BOOL:
         return str(bool(code))
     if isinstance(kind, tuple):
-        return str(kind[code]) if 0 <= code < len(kind) else "?"
+        return str(kind[code]) if 0 <= code < len(kind) else "None"
     return str(code)
+
+
+def _config_entries(config: LossConfig) -> list[Entry]:
+    """Every LossConfig field, generically: a new field is compared across ranks with no edit here."""
+    entries: list[Entry] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if "choices" in f.metadata:
+            choices = f.metadata["choices"]
+            entries.append((f.name, choices, -1 if value is None else choices.index(value)))
+        else:
+            entries.append((f.name, _FLOAT, _bits(value)))
+    return entries
+
+
+def _fingerprint(scores: pipeline.Scores, confidence: Tensor | None, user_embeddings: Tensor | None,
+                 mode: str, matrix: Tensor | None, config: LossConfig,
+                 margin: DynamicMargin | None) -> list[Entry]:  # fmt: skip
+    rows, cols = (-1, -1) if matrix is None else tuple(matrix.shape)
+    entries: list[Entry] = [
+        ("status", None, _OK),
+        ("prompts", None, scores.rejected.shape[0]),  # may differ across ranks
+        ("K (negatives per prompt)", None, scores.rejected.shape[1]),
+        ("score dtype", _DTYPES, _DTYPES.index(scores.chosen.dtype)),
+        ("sharing", _SHARING, _SHARING.index(mode)),
+        ("sharing matrix rows", None, rows),
+        ("sharing matrix columns", None, cols),
+        ("reference scores given", _BOOL, scores.has_ref),
+        ("confidence given", _BOOL, confidence is not None),
+        ("user embedding size", None, user_embeddings.shape[1] if mode == "similarity" else -1),
+        # decides whether backward runs a collective
+        ("rejected_logps requires grad", _BOOL, torch.is_grad_enabled() and scores.rejected.requires_grad),
+        *_config_entries(config),
+        ("margin gamma0", _FLOAT, _bits(None if margin is None else margin.gamma0)),
+        ("margin alpha", _FLOAT, _bits(None if margin is None else margin.alpha)),
+        ("margin mu", _FLOAT, _bits(None if margin is None else margin.mu)),
+        ("margin mode", MARGIN_MODES, -1 if margin is None else MARGIN_MODES.index(margin.mode)),
+        # all-reduce results may differ across ranks in the last bit: compare with a tolerance
+        ("margin EMA", _NEAR, _bits(None if margin is None else float(margin.ema))),
+    ]
+    return [(name, kind, int(code)) for name, kind, code in entries]
 
 
 def _device_of(x: object, group: ProcessGroup) -> torch.device:
@@ -186,14 +201,16 @@ def _device_of(x: object, group: ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
-def _exchange(fingerprint: list[int], device: torch.device, group: ProcessGroup) -> list[list[int]]:
-    mine = torch.tensor(fingerprint, dtype=torch.int64, device=device)
+def _exchange(codes: list[int], device: torch.device, group: ProcessGroup) -> list[list[int]]:
+    mine = torch.tensor(codes, dtype=torch.int64, device=device)
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
     return [p.tolist() for p in parts]
 
 
-def _check_agreement(table: list[list[int]], rank: int, local_error: Exception | None) -> None:
+def _check_agreement(
+    table: list[list[int]], entries: list[Entry] | None, local_error: Exception | None
+) -> None:
     """Raise the same error on every rank when any rank's inputs are invalid or ranks disagree."""
     bad = [r for r, row in enumerate(table) if row[0] != _OK]
     if local_error is not None:
@@ -203,7 +220,8 @@ def _check_agreement(table: list[list[int]], rank: int, local_error: Exception |
             f"rank {bad[0]} rejected its own inputs (its error says why); every rank stops here so that "
             "none waits in a collective"
         )
-    for f, (name, kind) in enumerate(_FIELDS[2:], start=2):
+    assert entries is not None
+    for f, (name, kind, _) in enumerate(entries[2:], start=2):
         values = [row[f] for row in table]
         if not _agree(kind, values):
             shown = ", ".join(f"rank {r}: {_show(kind, v)}" for r, v in enumerate(values))
@@ -217,8 +235,6 @@ def _check_agreement(table: list[list[int]], rank: int, local_error: Exception |
 # The loss.
 # ----------------------------------------------------------------------------------------------
 
-_warned_stateless = False
-
 
 def preference_loss_across_ranks(
     chosen_logps: Tensor,
@@ -228,36 +244,27 @@ def preference_loss_across_ranks(
     ref_rejected_logps: Tensor | None = None,
     *,
     process_group: ProcessGroup,
-    method: str = "napo",
-    beta: float = 1.0,
-    gamma: float | None = None,
-    sharing: str | Tensor | None = None,
+    config: LossConfig,
+    margin: DynamicMargin | None,
+    sharing_matrix: Tensor | None = None,
     user_embeddings: Tensor | None = None,
-    rho: float = 0.7,
     confidence: Tensor | None = None,
-    margin_state: DynamicMargin | None = None,
-    margin_mode: str = "batch",
-    alpha: float = 0.3,
-    mu: float = 0.9,
-    tau: float = 2.0,
-    detach_shared: bool = False,
     backend: str = "auto",
     check_finite: bool = False,
-) -> PreferenceOutput:
-    """:func:`napo_kernels.preference_loss` with the negative pool spanning every rank of
-    ``process_group`` (what ``preference_loss(..., process_group=group)`` calls).
+) -> pipeline.PreferenceOutput:
+    """The stage-2 pipeline with the negative pool spanning every rank of ``process_group`` (what
+    ``preference_loss(..., process_group=group)`` calls, with its ``config`` and resolved ``margin``).
 
     Every argument is the rank's own part of the global batch (``[B_r]``, ``[B_r, K]``,
-    ``[B_r, D]``), except ``sharing`` given as a bool matrix: then it is the ``[G, G]`` share matrix
-    of the global batch (the same on every rank). ``B_r`` may differ across ranks; ``K``, dtypes and
-    all options must agree (checked: a mismatch raises ``ValueError`` on every rank).
+    ``[B_r, D]``), except ``sharing_matrix``: the ``[G, G]`` share matrix of the global batch (the
+    same on every rank). ``B_r`` may differ across ranks; ``K``, dtypes and all options must agree
+    (checked: a mismatch raises ``ValueError`` on every rank).
 
     Returns the rank's :class:`PreferenceOutput`: ``rows`` are its local prompts' losses, ``loss`` is
     ``(W / G) * rows.sum()`` (its mean over ranks is the global-batch loss, and DDP's gradient
     averaging then gives the single-process gradient; see the module docstring). Metrics describe
     the local rows against the global pool. Every rank must call ``backward`` (it runs a collective).
     """
-    global _warned_stateless
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("process_group given, but torch.distributed is not initialised")
     if not isinstance(process_group, dist.ProcessGroup):
@@ -266,178 +273,119 @@ def preference_loss_across_ranks(
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     if rank < 0:
         raise ValueError("this process is not a member of process_group")
-    if sharing is None:
-        sharing = _default_sharing(method, user_embeddings)
-    mode = "matrix" if isinstance(sharing, Tensor) else sharing
+    mode = "matrix" if sharing_matrix is not None else config.resolved_sharing(user_embeddings is not None)
 
     # 1. Validate locally, but raise only after the fingerprint exchange so no rank is left waiting.
     local_error: Exception | None = None
-    fingerprint = [_INVALID] + [0] * (len(_FIELDS) - 1)
-    state = margin_state
+    entries: list[Entry] | None = None
+    codes = [_INVALID] + [0] * (len(_fingerprint_names(config)) - 1)
     try:
-        # the [G, G] matrix's size is checked once G is known; validate the rest as a local call
-        rejected_logps = _validate(
-            chosen_logps, rejected_logps, negative_mask, ref_chosen_logps, ref_rejected_logps,
-            method, beta, "all" if mode == "matrix" else sharing, user_embeddings, rho, confidence,
+        scores = pipeline.validate_scores(
+            chosen_logps, rejected_logps, negative_mask, ref_chosen_logps, ref_rejected_logps, confidence,
+            user_embeddings, config, mode, check_finite,
         )  # fmt: skip
-        if mode == "matrix" and sharing.dim() != 2:
+        if sharing_matrix is not None and sharing_matrix.dim() != 2:
             raise ValueError(f"sharing must be the [G, G] bool share matrix of the global batch, got "
-                             f"{list(sharing.shape)}")  # fmt: skip
-        for name, x in (("confidence", confidence), ("user_embeddings", user_embeddings)):
-            if x is not None:  # a device mismatch would only surface after the exchange
-                checks.require_same(name, x, "chosen_logps", chosen_logps, dtype=False)
-        if check_finite:
-            named = dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-                         ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-                         confidence=confidence, user_embeddings=user_embeddings)  # fmt: skip
-            for name, x in named.items():
-                checks.require_finite(name, x)
-        if negative_mask is not None and mode == "own":
-            empty = ~negative_mask.bool().any(1)
-            if bool(empty.any()):
-                first = int(torch.nonzero(empty)[0])
-                raise ValueError(f"negative_mask: prompt {first} of rank {rank} has an empty negative pool "
-                                 "(all its negatives are masked and sharing='own')")  # fmt: skip
-        if method == "napo" and state is None:
-            state = DynamicMargin(1.0 if gamma is None else gamma, alpha, mu, margin_mode)
-        backend_name = _resolve_backend(backend, chosen_logps.device)
-        fingerprint = _fingerprint(
-            chosen_logps, rejected_logps, ref_chosen_logps, confidence, user_embeddings, method, mode,
-            sharing, beta, gamma, rho, tau, detach_shared, state,
-        )  # fmt: skip
+                             f"{list(sharing_matrix.shape)}")  # fmt: skip
+        if mode == "own":
+            pipeline.check_pools(scores.mask, lambda i: f"negative_mask: prompt {i} of rank {rank}")
+        backend_name = resolve_backend(backend, chosen_logps.device)
+        entries = _fingerprint(scores, confidence, user_embeddings, mode, sharing_matrix, config, margin)
+        codes = [code for _, _, code in entries]
     except Exception as exc:  # any local failure: re-raised after the exchange, so no rank hangs
         local_error = exc
-    table = _exchange(fingerprint, _device_of(chosen_logps, process_group), process_group)
-    _check_agreement(table, rank, local_error)
+    table = _exchange(codes, _device_of(chosen_logps, process_group), process_group)
+    _check_agreement(table, entries, local_error)
 
     sizes = [row[1] for row in table]
-    total, offset = sum(sizes), sum(sizes[:rank])
-    b, k = rejected_logps.shape
+    total = sum(sizes)
     device = chosen_logps.device
-    if mode == "matrix" and tuple(sharing.shape) != (total, total):
-        raise ValueError(f"sharing must be the [G, G] = [{total}, {total}] share matrix of the global batch "
-                         f"(ranks hold {sizes} prompts), got {list(sharing.shape)}")  # fmt: skip
+    if sharing_matrix is not None:
+        pipeline.validate_share_matrix(
+            sharing_matrix,
+            total,
+            device,
+            f"the [G, G] share matrix of the global batch; ranks hold {sizes} prompts",
+        )
+    cols = _global_columns(scores, confidence, user_embeddings, mode, sharing_matrix, config.rho, sizes,
+                           rank, process_group)  # fmt: skip
+    pool = negative_pool(cols.share, cols.mask)
 
-    mask = (
-        torch.ones(b, k, dtype=torch.bool, device=device)
-        if negative_mask is None
-        else negative_mask.to(device=device, dtype=torch.bool)
-    )
-    acc = acc_dtype(chosen_logps.dtype)
-    r_pos, r_neg = chosen_logps.to(acc), rejected_logps.to(acc)
-    has_ref = ref_chosen_logps is not None
-    if has_ref:
-        r_pos = r_pos - ref_chosen_logps.detach().to(acc)
-        r_neg = r_neg - ref_rejected_logps.detach().reshape(b, k).to(acc)
-    r_neg = r_neg.masked_fill(~mask, 0.0)
-    scores = rejected_logps.detach().to(acc).masked_fill(~mask, 0.0)  # policy scores s_theta
-    conf = None if confidence is None else confidence.detach().reshape(b, k)
-
-    # 2-3. The global columns: every rank's negatives (own sharing: this rank's only).
-    if mode == "own":
-        cols, col_offset = b, 0
-        share = torch.eye(b, dtype=torch.bool, device=device)
-    else:
-        parts = [mask.to(torch.float64)]
-        parts += [] if conf is None else [conf.to(torch.float64)]
-        parts += [scores.to(torch.float64)] if has_ref else []
-        parts += [user_embeddings.detach().to(torch.float64)] if mode == "similarity" else []
-        payload = _gather_padded(torch.cat(parts, 1), sizes, process_group)
-        mask = payload[:, :k] > 0.5
-        col = k
-        if conf is not None:
-            conf, col = payload[:, col : col + k], col + k
-        r_neg = _AllGatherRows.apply(r_neg, sizes, rank, process_group)
-        if has_ref:
-            scores, col = payload[:, col : col + k].to(acc), col + k
-        else:
-            scores = r_neg.detach()
-        users = payload[:, col:] if mode == "similarity" else None
-        full = share_matrix(total, sharing, users, rho, device)
-        _check_pools(full, mask, sizes)  # on the global batch: every rank raises alike
-        cols, col_offset = total, offset
-        share = full[offset : offset + b]
-    pool = _pool(share, mask)
-    r_neg = r_neg.reshape(-1)
-
-    reducer = _all_reduce_sum(process_group)
-    bind = state is not None and state.reduce_mean is None
+    bind = margin is not None and margin.reduce_mean is None
     if bind:  # average NAPO's EMA across ranks for this call
-        state.reduce_mean = reducer
+        margin.reduce_mean = _all_reduce_sum(process_group)
     try:
-        plan = _make_plan(
-            method, beta, gamma, pool, r_neg, chosen_logps, scores, mask, conf,
-            state, margin_mode, alpha, mu, tau, acc,
-        )  # fmt: skip
+        plan = pipeline.make_plan(config, pool, cols, scores.chosen, margin)
     finally:
         if bind:
-            state.reduce_mean = None
-    if detach_shared:
-        own = torch.zeros(b, cols, dtype=torch.bool, device=device)
-        own[torch.arange(b, device=device), col_offset + torch.arange(b, device=device)] = True
-        plan.grad_mask = _pool(own, mask)
-    coef, margin = plan.coef.to(acc), plan.margin.to(acc)
-    rows, _ = preference_rows(r_pos, r_neg, plan.select, coef, margin, plan.grad_mask, plan.agg, backend_name)
+            margin.reduce_mean = None
+    rows = pipeline.evaluate(scores, cols, plan, backend_name)
     loss = rows.sum() * (world / total)
-    if method == "napo" and margin_state is None and not _warned_stateless:
-        _warned_stateless = True
-        warnings.warn(
-            "napo: no margin_state given, so the margin EMA restarts from 0 on every call; pass a "
-            "DynamicMargin (or use PreferenceLoss) to carry it across steps",
-            stacklevel=3,
-        )
-    metrics = _metrics(r_pos, r_neg, chosen_logps, scores, mask, plan, rows)
-    return PreferenceOutput(loss, chosen_logps, rejected_logps, metrics, rows)
+    metrics = pipeline.metrics(scores, cols, plan, rows)
+    return pipeline.PreferenceOutput(loss, chosen_logps, scores.rejected, metrics, rows)
 
 
-def _fingerprint(
-    chosen, rejected, ref_chosen, confidence, user_embeddings, method, mode, sharing, beta, gamma, rho, tau,
-    detach_shared, state,
-) -> list[int]:  # fmt: skip
-    nan = float("nan")
-    matrix = tuple(sharing.shape) if mode == "matrix" else (-1, -1)
-    values = [
-        _OK,
-        rejected.shape[0],
-        rejected.shape[1],
-        _DTYPES.index(chosen.dtype),
-        METHODS.index(method),
-        _SHARING.index(mode),
-        *matrix,
-        ref_chosen is not None,
-        confidence is not None,
-        user_embeddings.shape[1] if mode == "similarity" else -1,
-        torch.is_grad_enabled() and rejected.requires_grad,
-        detach_shared,
-        _bits(beta),
-        _bits(nan if gamma is None else gamma),
-        _bits(rho),
-        _bits(tau),
-        _bits(nan if state is None else state.gamma0),
-        _bits(nan if state is None else state.alpha),
-        _bits(nan if state is None else state.mu),
-        -1 if state is None else MARGIN_MODES.index(state.mode),
-        _bits(nan if state is None else float(state.ema)),
-    ]
-    return [int(v) for v in values]
+def _fingerprint_names(config: LossConfig) -> list[str]:
+    """The fingerprint's length without valid inputs (a rank whose inputs failed still joins the exchange)."""
+    return [name for name, _, _ in _fingerprint(_DUMMY, None, None, "own", None, config, None)]
 
 
-def _pool(share: Tensor, mask: Tensor) -> Tensor:
-    """``[b, G * K]`` bool from the local rows of the share matrix ``[b, G]`` and the global ``[G, K]``
-    negative mask (``plan.negative_pool`` for a non-square share matrix)."""
-    return (share[:, :, None] & mask[None, :, :]).reshape(share.shape[0], -1)
+def _global_columns(
+    scores: pipeline.Scores,
+    confidence: Tensor | None,
+    user_embeddings: Tensor | None,
+    mode: str,
+    matrix: Tensor | None,
+    rho: float,
+    sizes: list[int],
+    rank: int,
+    group: ProcessGroup,
+) -> pipeline.Columns:
+    """The columns of every rank (own sharing: this rank's only, and nothing is exchanged)."""
+    b, k = scores.mask.shape
+    device = scores.chosen.device
+    if mode == "own":
+        return pipeline.local_columns(scores, torch.eye(b, dtype=torch.bool, device=device), confidence)
+    total, offset = sum(sizes), sum(sizes[:rank])
+    conf = None if confidence is None else confidence.detach()
+    policy = scores.rejected.detach().to(scores.acc).masked_fill(~scores.mask, 0.0)
+    # One gather for the small detached inputs of the selection, one (differentiable) for the rewards.
+    parts = [scores.mask.to(torch.float64)]
+    parts += [] if conf is None else [conf.to(torch.float64)]
+    parts += [policy.to(torch.float64)] if scores.has_ref else []
+    parts += [user_embeddings.detach().to(torch.float64)] if mode == "similarity" else []
+    payload = _gather_padded(torch.cat(parts, 1), sizes, group)
+    mask = payload[:, :k] > 0.5
+    col = k
+    if conf is not None:
+        conf, col = payload[:, col : col + k], col + k
+    r_neg = _AllGatherRows.apply(scores.r_neg, sizes, rank, group)
+    if scores.has_ref:
+        policy, col = payload[:, col : col + k].to(scores.acc), col + k
+    else:
+        policy = r_neg.detach()  # reference-free: rewards are the policy scores
+    users = payload[:, col:] if mode == "similarity" else None
+    full = share_matrix(total, matrix if matrix is not None else mode, users, rho, device)
+    _check_global_pools(full, mask, sizes)  # on the global batch: every rank raises alike
+    return pipeline.Columns(
+        r_neg=r_neg.reshape(-1),
+        scores=policy.reshape(-1),
+        mask=mask,
+        confidence=None if conf is None else conf.reshape(-1),
+        share=full[offset : offset + b],
+        offset=offset,
+    )
 
 
-def _check_pools(share: Tensor, mask: Tensor, sizes: list[int]) -> None:
+def _check_global_pools(share: Tensor, mask: Tensor, sizes: list[int]) -> None:
     """Prompt i's pool is empty iff no prompt it shares with has a valid negative."""
-    empty = ~(share & mask.any(1)[None, :]).any(1)
-    if bool(empty.any()):
-        g = int(torch.nonzero(empty)[0])
-        r = max(r for r, lo in enumerate(_offsets(sizes)) if lo <= g)
-        raise ValueError(
-            f"prompt {g - _offsets(sizes)[r]} of rank {r} (global prompt {g}) has an empty negative pool "
-            "(all its negatives are masked and it shares none)"
-        )
+    offsets = _offsets(sizes)
+
+    def describe(g: int) -> str:
+        r = max(r for r, lo in enumerate(offsets) if lo <= g)
+        return f"prompt {g - offsets[r]} of rank {r} (global prompt {g})"
+
+    pipeline.check_pools(share & mask.any(1)[None, :], describe)
 
 
 def _all_reduce_sum(group: ProcessGroup) -> Callable[[Tensor], Tensor]:
@@ -447,3 +395,13 @@ def _all_reduce_sum(group: ProcessGroup) -> Callable[[Tensor], Tensor]:
         return total
 
     return reduce
+
+
+_DUMMY = pipeline.Scores(
+    chosen=torch.zeros(1),
+    rejected=torch.zeros(1, 1),
+    mask=torch.ones(1, 1, dtype=torch.bool),
+    r_pos=torch.zeros(1),
+    r_neg=torch.zeros(1, 1),
+    has_ref=False,
+)

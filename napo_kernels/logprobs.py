@@ -120,7 +120,7 @@ def _reduce(
     return scores.reshape(out_shape)
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
     name = dispatch.resolve(backend, device)
     if backend == "auto" and name == "torch" and device.type == "cpu":
         dispatch.warn_if_extension_missing()
@@ -200,7 +200,7 @@ def sequence_logprobs(
     flat_labels, seq, num, out_shape = _flat_layout(labels, sequence_ids, num_sequences, hidden.shape[0])
     mask, targets, rows_seq = _scored_rows(flat_labels, seq, vocab, ignore_index, out_shape)
     rows = hidden.reshape(-1, h)[mask]  # only scored positions cost vocabulary work
-    name = _resolve_backend(backend, hidden.device)
+    name = resolve_backend(backend, hidden.device)
     chunk = chunk_size or choose_chunk_size(rows.shape[0], vocab, hidden.device, memory_budget)
     frozen = not weight.requires_grad and not (bias is not None and bias.requires_grad)
     compute_expected = frozen and rows.requires_grad and torch.is_grad_enabled()
@@ -248,7 +248,7 @@ def sequence_logprobs_from_logits(
     vocab = logits.shape[-1]
     flat_labels, seq, num, out_shape = _flat_layout(labels, sequence_ids, num_sequences, logits.shape[0])
     mask, _, rows_seq = _scored_rows(flat_labels, seq, vocab, ignore_index, out_shape)
-    name = _resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device)
     flat = logits.reshape(-1, vocab)
     # every row goes through the kernel (no [R, V] copy); ignored rows get zero gradient
     targets = flat_labels.masked_fill(~mask, 0).long()

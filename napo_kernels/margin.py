@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 MARGIN_MODES = ("batch", "per_negative", "none")
+# NAPO's margin defaults (released code): the only place they are written.
+MARGIN_DEFAULTS = {"gamma0": 1.0, "alpha": 0.3, "mu": 0.9, "margin_mode": "batch"}
 
 
 class DynamicMargin(nn.Module):
@@ -29,15 +32,18 @@ class DynamicMargin(nn.Module):
 
     def __init__(
         self,
-        gamma0: float = 1.0,
-        alpha: float = 0.3,
-        mu: float = 0.9,
-        mode: str = "batch",
+        gamma0: float = MARGIN_DEFAULTS["gamma0"],
+        alpha: float = MARGIN_DEFAULTS["alpha"],
+        mu: float = MARGIN_DEFAULTS["mu"],
+        mode: str = MARGIN_DEFAULTS["margin_mode"],
         reduce_mean: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if mode not in MARGIN_MODES:
             raise ValueError(f"margin mode must be one of {MARGIN_MODES}, got {mode!r}")
+        for name, value in (("gamma0", gamma0), ("alpha", alpha), ("mu", mu)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0.0 <= mu < 1.0:
             raise ValueError(f"mu must lie in [0, 1), got {mu}")
         self.gamma0, self.alpha, self.mu, self.mode = float(gamma0), float(alpha), float(mu), mode

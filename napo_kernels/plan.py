@@ -17,8 +17,6 @@ from torch import Tensor
 
 from .constants import THREE_MEANS_RTOL
 
-METHODS = ("dpo", "s_dpo", "dmpo", "napo", "dynamicpo")
-
 
 @dataclass
 class Plan:
@@ -40,11 +38,12 @@ def share_matrix(
     rho: float,
     device: torch.device,
 ) -> Tensor:
-    """``[B, B]`` bool with the diagonal set: ``S[i, j]`` when prompt i uses prompt j's negatives."""
+    """``[B, B]`` bool with the diagonal set: ``S[i, j]`` when prompt i uses prompt j's negatives.
+    A matrix given by the caller is used as it is (validated bool, with a True diagonal)."""
     b = num_prompts
     eye = torch.eye(b, dtype=torch.bool, device=device)
     if isinstance(sharing, Tensor):
-        return sharing.to(device=device, dtype=torch.bool) | eye
+        return sharing.to(device=device)
     if sharing == "own":
         return eye
     if sharing == "all":
@@ -62,9 +61,9 @@ def share_matrix(
 
 
 def negative_pool(share: Tensor, negative_mask: Tensor) -> Tensor:
-    """``[B, B*K]`` bool from the ``[B, B]`` share matrix and the ``[B, K]`` negative mask."""
-    b, k = negative_mask.shape
-    return (share[:, :, None] & negative_mask[None, :, :]).reshape(b, b * k)
+    """``[b, G*K]`` bool pool from ``b`` rows of the share matrix ``[b, G]`` and the ``[G, K]``
+    negative mask of the prompts whose negatives form the columns (``b = G`` in one process)."""
+    return (share[:, :, None] & negative_mask[None, :, :]).reshape(share.shape[0], -1)
 
 
 def top_cluster_3means(values: Tensor) -> Tensor:

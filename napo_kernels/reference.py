@@ -112,6 +112,12 @@ def reward_matrix(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def _softplus(x: Tensor) -> Tensor:
+    """``log(1 + e^x)`` exactly (``F.softplus`` returns ``x`` itself above its threshold of 20, an
+    error of ``e^-20`` ~ 2e-9 in the value and the gradient)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
 def _masked_lse(x: Tensor, mask: Tensor) -> Tensor:
     return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=-1)
 
@@ -125,7 +131,7 @@ def dpo_rows(
 
 def sdpo_rows(delta: Tensor, pool: Tensor, beta: float = 1.0, gamma: float = 0.0) -> Tensor:
     """S-DPO: ``softplus(gamma + LSE_{n in P_i}(beta Delta_{i,n}))``."""
-    return F.softplus(gamma + _masked_lse(beta * delta, pool))
+    return _softplus(gamma + _masked_lse(beta * delta, pool))
 
 
 def sdpo_rows_sigmoid_form(delta: Tensor, pool: Tensor, beta: float = 1.0) -> Tensor:
@@ -137,19 +143,19 @@ def sdpo_rows_sigmoid_form(delta: Tensor, pool: Tensor, beta: float = 1.0) -> Te
 def dmpo_rows(delta: Tensor, pool: Tensor, beta: float = 1.0, gamma: float = 0.0) -> Tensor:
     """DMPO (paper form): ``-log sigma(beta r^+ - mean_n beta r_n - gamma)``."""
     mean_delta = (delta * pool).sum(-1) / pool.sum(-1)
-    return F.softplus(gamma + beta * mean_delta)
+    return _softplus(gamma + beta * mean_delta)
 
 
 def napo_rows(delta: Tensor, pool: Tensor, margin: Tensor, beta: float = 1.0) -> Tensor:
     """NAPO: ``softplus(LSE_{n in P_i}(beta Delta_{i,n} + gamma_{i,n}))``; with the batch margin
     ``gamma_{i,n} = gamma_t`` this is ``softplus(gamma_t + LSE(beta Delta))``."""
-    return F.softplus(_masked_lse(beta * delta + margin, pool))
+    return _softplus(_masked_lse(beta * delta + margin, pool))
 
 
 def dynamicpo_rows(delta: Tensor, boundary: Tensor, beta_n: Tensor, gamma: float = 0.0) -> Tensor:
     """DynamicPO: ``-log sigma(mean_{n in B_i} beta_n (r^+ - r_n) - gamma)``."""
     mean = (beta_n * delta * boundary).sum(-1) / boundary.sum(-1)
-    return F.softplus(gamma + mean)
+    return _softplus(gamma + mean)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,6 +273,7 @@ def family_loss(
     method: str = "napo",
     beta: float = 1.0,
     gamma: float = 0.0,
+    gamma0: float = 1.0,
     sharing: str | Tensor = "own",
     user_embeddings: Tensor | None = None,
     rho: float = 0.7,
@@ -276,12 +283,14 @@ def family_loss(
     alpha: float = 0.3,
     mu: float = 0.9,
     tau: float = 2.0,
-    detach_shared: bool = False,
+    detach_negatives: str = "none",
 ) -> tuple[Tensor, dict]:
     """Batch loss (mean over prompts) from ``chosen_logps [B]`` and ``rejected_logps [B, K]``.
 
-    For ``napo`` ``gamma`` is the base margin ``gamma_0``. Returns ``(loss, extras)`` with the
-    per-prompt losses, pool and, for NAPO, the updated EMA.
+    ``gamma`` is the additive margin of dpo / s_dpo / dmpo, ``gamma0`` NAPO's base margin.
+    ``detach_negatives``: ``"shared"`` stops the gradient of negatives borrowed from other prompts,
+    ``"all"`` of every negative. Returns ``(loss, extras)`` with the per-prompt losses, pool and,
+    for NAPO, the updated EMA.
     """
     b, k = rejected_logps.shape
     if negative_mask is None:
@@ -296,9 +305,11 @@ def family_loss(
     r_neg = r_neg.masked_fill(~negative_mask, 0.0).reshape(-1)
     pool = pool_mask(negative_mask, sharing, user_embeddings, rho)
     delta = reward_matrix(r_pos, r_neg)
-    if detach_shared:  # NAPO's released code: shared negatives get no gradient
+    if detach_negatives == "shared":  # borrowed negatives get no gradient
         own = pool_mask(negative_mask, "own")
         delta = torch.where(own, delta, reward_matrix(r_pos, r_neg.detach()))
+    elif detach_negatives == "all":  # NAPO's released code: no negative gets a gradient
+        delta = reward_matrix(r_pos, r_neg.detach())
     extras: dict = {"pool": pool, "delta": delta}
     if method == "dpo":
         if k != 1 or not negative_mask.all():
@@ -311,13 +322,13 @@ def family_loss(
     elif method == "napo":
         if confidence is None:
             confidence = torch.sigmoid(beta * r_neg.detach())
-        margin, new_ema, m_t = napo_margin(confidence.reshape(-1), pool, ema, gamma, alpha, mu, margin_mode)
+        margin, new_ema, m_t = napo_margin(confidence.reshape(-1), pool, ema, gamma0, alpha, mu, margin_mode)
         rows = napo_rows(delta, pool, margin.to(acc), beta)
         extras.update(margin=margin, ema=new_ema, batch_confidence=m_t)
     elif method == "dynamicpo":
         s_neg = rejected_logps.detach().to(acc).masked_fill(~negative_mask, 0.0).reshape(-1)
         boundary, beta_n = dynamicpo_selection(chosen_logps, s_neg, pool, beta, tau)
-        rows = dynamicpo_rows(delta, boundary, beta_n.to(acc), gamma)
+        rows = dynamicpo_rows(delta, boundary, beta_n.to(acc))
         extras.update(boundary=boundary, beta_n=beta_n)
     else:
         raise ValueError(f"unknown method {method!r}")

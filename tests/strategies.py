@@ -261,9 +261,10 @@ class Stage2:
 
 
 def make_sharing(kind: str, b: int, gen: torch.Generator) -> tuple[str | Tensor, Tensor | None]:
-    """``(sharing, user_embeddings)`` for a sharing kind; ``matrix`` is a random ``[B, B]`` bool."""
+    """``(sharing, user_embeddings)`` for a sharing kind; ``matrix`` is a random ``[B, B]`` bool
+    with the (required) True diagonal."""
     if kind == "matrix":
-        return torch.rand(b, b, generator=gen) < 0.5, None
+        return (torch.rand(b, b, generator=gen) < 0.5) | torch.eye(b, dtype=torch.bool), None
     if kind == "similarity":
         return "similarity", torch.randn(b, 3, generator=gen, dtype=torch.float64)
     return kind, None
@@ -286,19 +287,27 @@ def draw_options(
     rho = draw(st.sampled_from([0.3, 0.5, 0.7, 1.0]))
     sharing, user = make_sharing(kind, b, gen)
     mask = None if method == "dpo" or draw(st.booleans()) else make_mask(b, k, sharing, user, rho, gen)
+    margin = draw(st.sampled_from([0.0, 0.5, 1.0]))
     options = dict(
         method=method,
         beta=draw(st.sampled_from([0.1, 1.0, 2.5])),
-        gamma=draw(st.sampled_from([0.0, 0.5, 1.0])),
         sharing=sharing,
         user_embeddings=user,
         rho=rho,
-        margin_mode=draw(st.sampled_from(["batch", "per_negative", "none"])),
-        alpha=draw(st.sampled_from([0.3, 0.7])),
-        mu=draw(st.sampled_from([0.0, 0.9])),
         tau=draw(st.sampled_from([2.0, 0.5])),
-        detach_shared=draw(st.booleans()) if kind != "own" else False,
+        detach_negatives=draw(
+            st.sampled_from(["none", "shared", "all"] if kind != "own" else ["none", "all"])
+        ),
     )
+    if method == "napo":
+        options.update(
+            gamma0=margin,
+            margin_mode=draw(st.sampled_from(["batch", "per_negative", "none"])),
+            alpha=draw(st.sampled_from([0.3, 0.7])),
+            mu=draw(st.sampled_from([0.0, 0.9])),
+        )
+    elif method != "dynamicpo":
+        options.update(gamma=margin)
     return options, mask
 
 
@@ -312,7 +321,7 @@ def stage2_problems(
     max_k: int = 4,
 ) -> Stage2:
     """Every method, sharing mode, margin mode, caller / default confidence, reference-free or not,
-    variable K, ``detach_shared``; scores continuous or on a coarse grid (exact ties)."""
+    variable K, ``detach_negatives``; scores continuous or on a coarse grid (exact ties)."""
     method = draw(st.sampled_from(methods))
     dtype = draw(st.sampled_from(dtypes))
     b = draw(st.integers(1, max_b))
@@ -334,21 +343,18 @@ def stage2_problems(
 
 def reference_stage2(p: Stage2, chosen: Tensor, rejected: Tensor, ema: float = 0.0) -> tuple[Tensor, dict]:
     """``reference.family_loss`` with the problem's options."""
-    o = p.options
     conf = None if p.confidence is None else p.confidence.reshape(-1)
     return reference.family_loss(
-        chosen, rejected, p.mask, p.ref_chosen, p.ref_rejected,
-        method=o["method"], beta=o["beta"], gamma=o["gamma"], sharing=o["sharing"],
-        user_embeddings=o["user_embeddings"], rho=o["rho"], confidence=conf, margin_mode=o["margin_mode"],
-        ema=ema, alpha=o["alpha"], mu=o["mu"], tau=o["tau"], detach_shared=o["detach_shared"],
-    )  # fmt: skip
+        chosen, rejected, p.mask, p.ref_chosen, p.ref_rejected, confidence=conf, ema=ema, **p.options
+    )
 
 
 def api_stage2(p: Stage2, chosen: Tensor, rejected: Tensor, backend: str, **extra) -> nk.PreferenceOutput:
     """``napo_kernels.preference_loss`` with the problem's options."""
     return nk.preference_loss(
-        chosen, rejected, p.mask, p.ref_chosen, p.ref_rejected, **api_options(p), backend=backend, **extra
-    )
+        chosen, rejected, p.mask, p.ref_chosen, p.ref_rejected, **api_options(p), backend=backend,
+        return_outputs=True, **extra,
+    )  # fmt: skip
 
 
 def api_options(p: Stage2) -> dict:

@@ -312,8 +312,9 @@ def check_stage2(p: Stage2, backend: str, check_metrics: bool = True):
     dc, dr = torch.autograd.grad(out.loss, [c, r])
     c64, r64 = leaf(p.chosen, torch.float64), leaf(p.rejected, torch.float64)
     want, extras = reference_stage2(p, c64, r64)
-    dc64, dr64 = torch.autograd.grad(want, [c64, r64])
-    what = f"{p.options['method']} sharing={p.options['sharing']} mode={p.options['margin_mode']}"
+    dc64, dr64 = torch.autograd.grad(want, [c64, r64], allow_unused=True)
+    dr64 = torch.zeros_like(r64) if dr64 is None else dr64  # detach_negatives="all"
+    what = f"{p.options['method']} sharing={p.options['sharing']} mode={p.options.get('margin_mode')}"
     assert_close(out.loss, want, dtype, f"loss {what}")
     assert_close(out.rows, extras["rows"], dtype, f"rows {what}")
     assert_close(dc, dc64, dtype, f"d chosen {what}")
@@ -363,19 +364,7 @@ def test_dynamicpo_ties_and_fallback(backend):
         gen = torch.Generator().manual_seed(seed)
         rejected = torch.randint(-4, 1, (b, k), generator=gen).double()
         chosen = torch.randint(-4, 1, (b,), generator=gen).double() + (5.0 if above else 0.0)
-        options = dict(
-            method="dynamicpo",
-            beta=1.0,
-            gamma=0.0,
-            sharing=sharing,
-            user_embeddings=None,
-            rho=0.7,
-            margin_mode="batch",
-            alpha=0.3,
-            mu=0.9,
-            tau=2.0,
-            detach_shared=False,
-        )
+        options = dict(method="dynamicpo", beta=1.0, sharing=sharing, user_embeddings=None, rho=0.7, tau=2.0)
         p = Stage2(chosen, rejected, None, None, None, options)
         _, extras = check_stage2(p, backend)
         boundary, beta_n = extras["boundary"], extras["beta_n"]
@@ -396,7 +385,9 @@ def test_dynamicpo_zero_over_zero_guard(backend):
     """All scores equal: d1 = d2 = 0 for every boundary negative; beta_n is finite (0.5 beta)."""
     chosen = torch.full((2,), -3.0, dtype=torch.float64, requires_grad=True)
     rejected = torch.full((2, 3), -3.0, dtype=torch.float64, requires_grad=True)
-    out = nk.preference_loss(chosen, rejected, method="dynamicpo", beta=2.0, backend=backend)
+    out = nk.preference_loss(
+        chosen, rejected, method="dynamicpo", beta=2.0, backend=backend, return_outputs=True
+    )
     _, extras = reference.family_loss(chosen, rejected, method="dynamicpo", beta=2.0)
     assert torch.isfinite(out.loss) and torch.all(extras["beta_n"][extras["boundary"]] == 1.0)
     assert float(out.metrics["dynamicpo/beta"]) == pytest.approx(1.0)
@@ -412,8 +403,12 @@ def test_batch_of_one_with_sharing(backend, sharing):
     for method in ("s_dpo", "dmpo", "napo", "dynamicpo"):
         share, user = {"all": ("all", None), "matrix": (torch.ones(1, 1, dtype=torch.bool), None),
                        "similarity": ("similarity", torch.randn(1, 4, generator=gen))}[sharing]  # fmt: skip
-        options = dict(method=method, beta=1.0, gamma=0.5, sharing=share, user_embeddings=user, rho=0.7,
-                       margin_mode="batch", alpha=0.3, mu=0.9, tau=2.0, detach_shared=True)  # fmt: skip
+        options = dict(method=method, beta=1.0, sharing=share, user_embeddings=user, rho=0.7, tau=2.0,
+                       detach_negatives="shared")  # fmt: skip
+        if method == "napo":
+            options.update(gamma0=0.5, margin_mode="batch", alpha=0.3, mu=0.9)
+        elif method != "dynamicpo":
+            options.update(gamma=0.5)
         p = Stage2(torch.randn(1, generator=gen).double(), torch.randn(1, 3, generator=gen).double(), None,
                    None, None, options)  # fmt: skip
         _, extras = check_stage2(p, backend)
@@ -421,26 +416,28 @@ def test_batch_of_one_with_sharing(backend, sharing):
 
 
 def test_napo_defaults_match_reference(backend):
-    """``preference_loss(method="napo")`` defaults: gamma_0 = 1, shared pool ("all", or
+    """``preference_loss(method="napo", return_outputs=True)`` defaults: gamma_0 = 1, shared pool ("all", or
     "similarity" with user embeddings, rho 0.7), batch margin, sigmoid(beta r) confidence."""
     gen = torch.Generator().manual_seed(5)
     chosen, rejected = torch.randn(5, generator=gen).double(), torch.randn(5, 3, generator=gen).double()
     user = torch.randn(5, 4, generator=gen).double()
     for kwargs, sharing in (({}, "all"), ({"user_embeddings": user}, "similarity")):
-        out = nk.preference_loss(chosen, rejected, backend=backend, **kwargs)
-        want, _ = reference.family_loss(chosen, rejected, method="napo", gamma=1.0, sharing=sharing,
+        out = nk.preference_loss(chosen, rejected, backend=backend, **kwargs, return_outputs=True)
+        want, _ = reference.family_loss(chosen, rejected, method="napo", gamma0=1.0, sharing=sharing,
                                             user_embeddings=user, rho=0.7, margin_mode="batch")  # fmt: skip
         assert_close(out.loss, want, torch.float64, f"napo defaults sharing={sharing}")
 
 
 def test_stateless_napo_warns_once(monkeypatch):
-    import napo_kernels.losses as losses
+    import napo_kernels.pipeline as pipeline
 
-    monkeypatch.setattr(losses, "_warned_stateless", False)
+    monkeypatch.setattr(pipeline, "_warned_stateless", False)
     x, y = torch.zeros(2), torch.zeros(2, 2)
     with pytest.warns(UserWarning, match="margin_state"):
-        nk.preference_loss(x, y, method="napo")
-    nk.preference_loss(x, y, method="napo", margin_state=nk.DynamicMargin())  # no warning with state
+        nk.preference_loss(x, y, method="napo", return_outputs=True)
+    nk.preference_loss(
+        x, y, method="napo", margin_state=nk.DynamicMargin(), return_outputs=True
+    )  # no warning with state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,9 +457,9 @@ def test_dynamic_margin_threads_ema(backend, mode):
         chosen, rejected = torch.randn(b, generator=gen).double(), torch.randn(b, k, generator=gen).double()
         conf = torch.rand(b, k, generator=gen).double() if step % 2 else None
         out = nk.preference_loss(chosen, rejected, method="napo", sharing="all", confidence=conf,
-                                 margin_state=state, backend=backend)  # fmt: skip
+                                 margin_state=state, backend=backend, return_outputs=True)  # fmt: skip
         want, extras = reference.family_loss(
-            chosen, rejected, method="napo", gamma=0.8, sharing="all", alpha=0.4, mu=0.7, margin_mode=mode,
+            chosen, rejected, method="napo", gamma0=0.8, sharing="all", alpha=0.4, mu=0.7, margin_mode=mode,
             ema=ema, confidence=None if conf is None else conf.reshape(-1),
         )  # fmt: skip
         ema = extras["ema"]
@@ -491,7 +488,7 @@ def test_preference_loss_module_keeps_ema(backend):
     gen = torch.Generator().manual_seed(7)
     b, c, t, h, v = 3, 3, 3, 6, 19
     weight, _ = make_params(h, v, torch.float64, False, gen)
-    crit = nk.PreferenceLoss("napo", beta=1.5, gamma=0.7, sharing="all", chunk_size=4, backend=backend)
+    crit = nk.PreferenceLoss("napo", beta=1.5, gamma0=0.7, sharing="all", chunk_size=4, backend=backend)
     twin = None
     ema = 0.0
     for step in range(3):
@@ -502,7 +499,7 @@ def test_preference_loss_module_keeps_ema(backend):
         h64 = leaf(hidden)
         scores = reference.sequence_scores(h64, weight, labels)
         want, extras = reference.family_loss(
-            scores[:, 0], scores[:, 1:], method="napo", beta=1.5, gamma=0.7, sharing="all", ema=ema
+            scores[:, 0], scores[:, 1:], method="napo", beta=1.5, gamma0=0.7, sharing="all", ema=ema
         )
         (dh64,) = torch.autograd.grad(want, [h64])
         ema = extras["ema"]
@@ -514,7 +511,7 @@ def test_preference_loss_module_keeps_ema(backend):
             buf = io.BytesIO()
             torch.save(crit.state_dict(), buf)
             twin = nk.PreferenceLoss(
-                "napo", beta=1.5, gamma=0.7, sharing="all", chunk_size=4, backend=backend
+                "napo", beta=1.5, gamma0=0.7, sharing="all", chunk_size=4, backend=backend
             )
             twin.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
             assert "margin.ema" in crit.state_dict()
@@ -629,13 +626,13 @@ def test_gradcheck_losses(backend):
     # DynamicPO's beta_n and NAPO's default confidence are smooth but *detached* functions of the
     # scores, so finite differences would see a gradient the spec removes: NAPO gets a caller
     # confidence here and DynamicPO's gradients are checked against the reference's autograd instead.
-    dpo = lambda x, y: nk.preference_loss(x, y[:, :1], method="dpo", gamma=0.3, backend=backend).loss
+    dpo = lambda x, y: nk.preference_loss(x, y[:, :1], method="dpo", gamma=0.3, backend=backend)
     assert gradcheck(backend, dpo, (chosen, rejected))
     for method in ("s_dpo", "dmpo", "napo"):
         f = lambda x, y, m=method: nk.preference_loss(
             x, y, mask, ref_c, ref_r, method=m, sharing="all", confidence=conf, backend=backend,
-            margin_state=nk.DynamicMargin(mode="per_negative"),
-        ).rows  # fmt: skip
+            margin_state=nk.DynamicMargin(mode="per_negative") if m == "napo" else None,
+        return_outputs=True).rows  # fmt: skip
         assert gradcheck(backend, f, (chosen, rejected)), method
     c, t, h, v = 3, 2, 4, 7
     labels = make_labels((b, c, t), v, "random", gen)

@@ -34,9 +34,7 @@ def _reference(shape: Shape) -> dict[str, torch.Tensor]:
     """Loss and gradients by plain autograd on the reference math (independent of the contenders)."""
     x = make_inputs(shape)
     scores = reference.sequence_scores(x.hidden, x.weight, x.labels)
-    gamma = 1.0 if shape.method == "napo" else 0.0
-    loss, _ = reference.family_loss(scores[:, 0], scores[:, 1:], method=shape.method,
-                                        sharing=shape.sharing, gamma=gamma)  # fmt: skip
+    loss, _ = reference.family_loss(scores[:, 0], scores[:, 1:], method=shape.method, sharing=shape.sharing)
     loss.backward()
     out = {"loss": loss.detach(), "hidden": x.hidden.grad}
     if shape.trainable:

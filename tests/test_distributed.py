@@ -74,8 +74,9 @@ def _cases(world: int, seed: int) -> list[dict]:
         ("napo", "all", 3, dict(margin_mode="batch"), dict(ref=False, conf=False), 3),
         ("napo", "similarity", 3, dict(margin_mode="batch", rho=0.7), dict(ref=False, conf=True), 3),
         ("napo", "similarity", 2, dict(margin_mode="per_negative", rho=0.5), dict(ref=True, conf=True), 2),
-        ("napo", "all", 2, dict(margin_mode="none", gamma=0.5, beta=2.0), dict(ref=True, conf=False), 1),
-        ("napo", "all", 3, dict(detach_shared=True), dict(ref=False, conf=True), 2),
+        ("napo", "all", 2, dict(margin_mode="none", gamma0=0.5, beta=2.0), dict(ref=True, conf=False), 1),
+        ("napo", "all", 3, dict(detach_negatives="shared"), dict(ref=False, conf=True), 2),
+        ("napo", "all", 2, dict(detach_negatives="all"), dict(ref=False, conf=False), 1),
         ("napo", "own", 3, dict(), dict(ref=False, conf=True), 2),
         ("napo", "matrix", 2, dict(), dict(ref=False, conf=False), 1),
         ("s_dpo", "own", 3, dict(beta=0.5), dict(ref=True, conf=False), 1),
@@ -101,7 +102,7 @@ def _cases(world: int, seed: int) -> list[dict]:
                 batch["mask"][0] = False  # a prompt with no negative of its own still has a shared pool
             case["steps"].append(batch)
         if sharing == "matrix":
-            matrix = torch.rand(n, n, generator=g) > 0.5
+            matrix = (torch.rand(n, n, generator=g) > 0.5) | torch.eye(n, dtype=torch.bool)
             case["options"]["sharing"] = matrix
         else:
             case["options"]["sharing"] = sharing
@@ -123,11 +124,11 @@ def _margin(case: dict) -> nk.DynamicMargin | None:
     if case["method"] != "napo":
         return None
     options = case["options"]
-    return nk.DynamicMargin(options.get("gamma", 1.0), mode=options.get("margin_mode", "batch"))
+    return nk.DynamicMargin(options.get("gamma0", 1.0), mode=options.get("margin_mode", "batch"))
 
 
 def _options(case: dict) -> dict:
-    return {k: v for k, v in case["options"].items() if k != "margin_mode"}
+    return {k: v for k, v in case["options"].items() if k not in ("margin_mode", "gamma0")}  # in the state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def _error_cases(world: int) -> list[tuple[str, Callable]]:
 
     def call(rank, inputs, **options):
         return nk.preference_loss(inputs["chosen"], inputs["rejected"], inputs.get("mask"),
-                                  process_group=dist.group.WORLD, backend="torch",
+                                  process_group=dist.group.WORLD, backend="torch", return_outputs=True,
                                   **{"method": "s_dpo", "sharing": "all", **options})  # fmt: skip
 
     def k_differs(rank):
@@ -290,7 +291,8 @@ def _run_rank(rank: int, world: int, spec: dict) -> dict:
             part["rejected"].requires_grad_(True)
             args, kwargs = _loss_inputs(part)
             out = nk.preference_loss(*args, **kwargs, **_options(case), margin_state=margin,
-                                     method=case["method"], process_group=group)  # fmt: skip
+                                     method=case["method"], process_group=group,
+                                     return_outputs=True)  # fmt: skip
             out.loss.backward()
             steps.append(dict(loss=out.loss.detach(), rows=out.rows.detach(), d_chosen=part["chosen"].grad,
                               d_rejected=part["rejected"].grad,
@@ -323,7 +325,7 @@ def _run_rank(rank: int, world: int, spec: dict) -> dict:
             results["errors"].append((expected, type(exc).__name__, str(exc)))
     # the group is still in step after every error: a valid call goes through
     after = nk.preference_loss(torch.zeros(2), torch.zeros(2, 2), method="s_dpo", sharing="all",
-                               process_group=group, backend="torch")  # fmt: skip
+                               process_group=group, backend="torch", return_outputs=True)  # fmt: skip
     results["after_errors"] = after.loss.item()
     print(f"rank {rank}: cases {time.perf_counter() - t0:.2f} s", flush=True)
     return results
@@ -362,7 +364,7 @@ def _single(case: dict) -> list[dict]:
         full["rejected"].requires_grad_(True)
         args, kwargs = _loss_inputs(full)
         options = dict(_options(case), method=case["method"], margin_state=margin)
-        out = nk.preference_loss(*args, **kwargs, **options)
+        out = nk.preference_loss(*args, **kwargs, **options, return_outputs=True)
         out.loss.backward()
         out_steps.append(dict(loss=out.loss.detach(), rows=out.rows.detach(), d_chosen=full["chosen"].grad,
                               d_rejected=full["rejected"].grad,
@@ -455,6 +457,14 @@ def test_process_group_needs_initialised_distributed():
     assert not dist.is_initialized()
     assert data_parallel_group() is None
     with pytest.raises(RuntimeError, match="not initialised"):
-        nk.preference_loss(torch.zeros(2), torch.zeros(2, 2), method="s_dpo", process_group=object())
+        nk.preference_loss(
+            torch.zeros(2), torch.zeros(2, 2), method="s_dpo", process_group=object(), return_outputs=True
+        )
     with pytest.raises(RuntimeError, match="not initialised"):
-        preference_loss_across_ranks(torch.zeros(2), torch.zeros(2, 2), process_group=object())
+        preference_loss_across_ranks(
+            torch.zeros(2),
+            torch.zeros(2, 2),
+            process_group=object(),
+            config=nk.LossConfig("s_dpo"),
+            margin=None,
+        )

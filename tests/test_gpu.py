@@ -140,12 +140,13 @@ def test_preference_loss_gpu(backend, method):
     chosen = (torch.randn(128, generator=gen, dtype=torch.float64) * 3 - 8).to(DEVICE)
     rejected = (torch.randn(128, k, generator=gen, dtype=torch.float64) * 3 - 8).to(DEVICE)
     results = []
+    margin = {"napo": dict(gamma0=0.5), "dynamicpo": {}}.get(method, dict(gamma=0.5))
     for impl in (backend, "reference"):
         c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
         if impl == "reference":
-            loss = reference.family_loss(c, r, method=method, sharing=sharing, gamma=0.5)[0]
+            loss = reference.family_loss(c, r, method=method, sharing=sharing, **margin)[0]
         else:
-            loss = nk.preference_loss(c, r, method=method, sharing=sharing, gamma=0.5, backend=impl).loss
+            loss = nk.preference_loss(c, r, method=method, sharing=sharing, backend=impl, **margin)
         results.append([loss, *torch.autograd.grad(loss, [c, r])])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)

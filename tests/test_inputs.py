@@ -248,199 +248,252 @@ STAGE1_CASES = [
 STAGE2_CASES = [
     (
         "chosen-not-tensor",
-        lambda: nk.preference_loss([0.0, 1.0], r32),
+        lambda: nk.preference_loss([0.0, 1.0], r32, return_outputs=True),
         TypeError,
         r"chosen_logps must be a torch\.Tensor",
     ),
     (
         "chosen-int",
-        lambda: nk.preference_loss(c3.long(), r32.long()),
+        lambda: nk.preference_loss(c3.long(), r32.long(), return_outputs=True),
         TypeError,
         r"chosen_logps must be a floating",
     ),
-    ("chosen-2d", lambda: nk.preference_loss(c3[:, None], r32), ValueError, r"chosen_logps must be \[B\]"),
-    ("empty-batch", lambda: nk.preference_loss(torch.zeros(0), torch.zeros(0, 2)), ValueError, r"no prompts"),
+    (
+        "chosen-2d",
+        lambda: nk.preference_loss(c3[:, None], r32, return_outputs=True),
+        ValueError,
+        r"chosen_logps must be \[B\]",
+    ),
+    (
+        "empty-batch",
+        lambda: nk.preference_loss(torch.zeros(0), torch.zeros(0, 2), return_outputs=True),
+        ValueError,
+        r"no prompts",
+    ),
     (
         "rejected-rows",
-        lambda: nk.preference_loss(c3, torch.zeros(2, 2)),
+        lambda: nk.preference_loss(c3, torch.zeros(2, 2), return_outputs=True),
         ValueError,
         r"rejected_logps must be \[B=3, K\]",
     ),
     (
         "rejected-3d",
-        lambda: nk.preference_loss(c3, torch.zeros(3, 2, 1)),
+        lambda: nk.preference_loss(c3, torch.zeros(3, 2, 1), return_outputs=True),
         ValueError,
         r"rejected_logps must be",
     ),
-    ("rejected-dtype", lambda: nk.preference_loss(c3, r32.double()), TypeError, r"rejected_logps has dtype"),
+    (
+        "rejected-dtype",
+        lambda: nk.preference_loss(c3, r32.double(), return_outputs=True),
+        TypeError,
+        r"rejected_logps has dtype",
+    ),
     (
         "rejected-device",
-        lambda: nk.preference_loss(c3, r32.to(meta)),
+        lambda: nk.preference_loss(c3, r32.to(meta), return_outputs=True),
         ValueError,
         r"rejected_logps is on meta",
     ),
-    ("K-zero", lambda: nk.preference_loss(c3, torch.zeros(3, 0)), ValueError, r"K = 0 negatives"),
-    ("method", lambda: nk.preference_loss(c3, r32, method="ipo"), ValueError, r"method must be one of"),
+    (
+        "K-zero",
+        lambda: nk.preference_loss(c3, torch.zeros(3, 0), return_outputs=True),
+        ValueError,
+        r"K = 0 negatives",
+    ),
+    (
+        "method",
+        lambda: nk.preference_loss(c3, r32, method="ipo", return_outputs=True),
+        ValueError,
+        r"method must be one of",
+    ),
     (
         "beta-zero",
-        lambda: nk.preference_loss(c3, r32, beta=0.0),
+        lambda: nk.preference_loss(c3, r32, beta=0.0, return_outputs=True),
         ValueError,
         r"beta must be a finite number > 0",
     ),
     (
         "beta-inf",
-        lambda: nk.preference_loss(c3, r32, beta=float("inf")),
+        lambda: nk.preference_loss(c3, r32, beta=float("inf"), return_outputs=True),
         ValueError,
         r"beta must be a finite",
     ),
     (
         "rho-zero",
-        lambda: nk.preference_loss(c3, r32, rho=0.0),
+        lambda: nk.preference_loss(c3, r32, rho=0.0, return_outputs=True),
         ValueError,
         r"rho must lie in \(0, 1\], got 0\.0",
     ),
-    ("rho-above-one", lambda: nk.preference_loss(c3, r32, rho=1.5), ValueError, r"rho must lie in \(0, 1\]"),
-    ("rho-nan", lambda: nk.preference_loss(c3, r32, rho=float("nan")), ValueError, r"rho must lie in"),
+    (
+        "rho-above-one",
+        lambda: nk.preference_loss(c3, r32, rho=1.5, return_outputs=True),
+        ValueError,
+        r"rho must lie in \(0, 1\]",
+    ),
+    (
+        "rho-nan",
+        lambda: nk.preference_loss(c3, r32, rho=float("nan"), return_outputs=True),
+        ValueError,
+        r"rho must be a finite number, got nan",
+    ),
     (
         "mask-shape",
-        lambda: nk.preference_loss(c3, r32, torch.ones(3, 3).bool()),
+        lambda: nk.preference_loss(c3, r32, torch.ones(3, 3).bool(), return_outputs=True),
         ValueError,
         r"negative_mask must have shape \[3, 2\]",
     ),
     (
         "mask-device",
-        lambda: nk.preference_loss(c3, r32, torch.ones(3, 2, device=meta).bool()),
+        lambda: nk.preference_loss(c3, r32, torch.ones(3, 2, device=meta).bool(), return_outputs=True),
         ValueError,
         r"negative_mask is on meta",
     ),
     (
         "ref-only-one",
-        lambda: nk.preference_loss(c3, r32, None, torch.zeros(3)),
+        lambda: nk.preference_loss(c3, r32, None, torch.zeros(3), return_outputs=True),
         ValueError,
         r"both ref_chosen_logps and ref_rejected_logps",
     ),
     (
         "ref-chosen-shape",
-        lambda: nk.preference_loss(c3, r32, None, torch.zeros(3, 1), torch.zeros(3, 2)),
+        lambda: nk.preference_loss(c3, r32, None, torch.zeros(3, 1), torch.zeros(3, 2), return_outputs=True),
         ValueError,
         r"ref_chosen_logps must have shape \[3\]",
     ),
     (
         "ref-rejected-shape",
-        lambda: nk.preference_loss(c3, r32, None, torch.zeros(3), torch.zeros(3, 3)),
+        lambda: nk.preference_loss(c3, r32, None, torch.zeros(3), torch.zeros(3, 3), return_outputs=True),
         ValueError,
-        r"ref_rejected_logps must be \[B=3, K=2\], got \[3, 3\]",
+        r"ref_rejected_logps must have shape \[3, 2\] \(one reference score per negative\), got \[3, 3\]",
     ),
     (
         "ref-device",
-        lambda: nk.preference_loss(c3, r32, None, torch.zeros(3), torch.zeros(3, 2, device=meta)),
+        lambda: nk.preference_loss(
+            c3, r32, None, torch.zeros(3), torch.zeros(3, 2, device=meta), return_outputs=True
+        ),
         ValueError,
         r"ref_rejected_logps is on meta",
     ),
     (
         "sharing-name",
-        lambda: nk.preference_loss(c3, r32, sharing="friends"),
+        lambda: nk.preference_loss(c3, r32, sharing="friends", return_outputs=True),
         ValueError,
         r"sharing must be one of",
     ),
     (
         "sharing-shape",
-        lambda: nk.preference_loss(c3, r32, sharing=torch.ones(3, 2).bool()),
+        lambda: nk.preference_loss(c3, r32, sharing=torch.ones(3, 2).bool(), return_outputs=True),
         ValueError,
         r"sharing must have shape \[3, 3\]",
     ),
     (
         "sharing-device",
-        lambda: nk.preference_loss(c3, r32, method="s_dpo", sharing=torch.ones(3, 3, device=meta).bool()),
+        lambda: nk.preference_loss(
+            c3, r32, method="s_dpo", sharing=torch.ones(3, 3, device=meta).bool(), return_outputs=True
+        ),
         ValueError,
         r"sharing is on meta",
     ),
     (
         "similarity-no-users",
-        lambda: nk.preference_loss(c3, r32, sharing="similarity"),
+        lambda: nk.preference_loss(c3, r32, sharing="similarity", return_outputs=True),
         ValueError,
         r"sharing='similarity' needs user_embeddings",
     ),
     (
         "users-shape",
-        lambda: nk.preference_loss(c3, r32, sharing="similarity", user_embeddings=torch.zeros(2, 4)),
+        lambda: nk.preference_loss(
+            c3, r32, sharing="similarity", user_embeddings=torch.zeros(2, 4), return_outputs=True
+        ),
         ValueError,
         r"user_embeddings must be \[B=3, D\]",
     ),
     (
         "users-device",
         lambda: nk.preference_loss(
-            c3, r32, sharing="similarity", user_embeddings=torch.zeros(3, 4, device=meta)
+            c3, r32, sharing="similarity", user_embeddings=torch.zeros(3, 4, device=meta), return_outputs=True
         ),
         ValueError,
         r"user_embeddings is on meta",
     ),
     (
         "confidence-size",
-        lambda: nk.preference_loss(c3, r32, confidence=torch.zeros(5)),
+        lambda: nk.preference_loss(c3, r32, confidence=torch.zeros(5), return_outputs=True),
         ValueError,
-        r"confidence must be \[B=3, K=2\]",
+        r"confidence must have shape \[3, 2\] \(one confidence per negative\), got \[5\]",
     ),
     (
         "confidence-device",
-        lambda: nk.preference_loss(c3, r32, confidence=torch.zeros(3, 2, device=meta)),
+        lambda: nk.preference_loss(c3, r32, confidence=torch.zeros(3, 2, device=meta), return_outputs=True),
         ValueError,
         r"confidence is on meta",
     ),
     (
         "dpo-K2",
-        lambda: nk.preference_loss(c3, r32, method="dpo"),
+        lambda: nk.preference_loss(c3, r32, method="dpo", return_outputs=True),
         ValueError,
         r"method='dpo' compares each positive with exactly one",
     ),
     (
         "dpo-shared",
-        lambda: nk.preference_loss(c3, r32[:, :1], method="dpo", sharing="all"),
+        lambda: nk.preference_loss(c3, r32[:, :1], method="dpo", sharing="all", return_outputs=True),
         ValueError,
         r"method='dpo'",
     ),
     (
         "empty-pool",
-        lambda: nk.preference_loss(c3, r32, torch.tensor([[1, 1], [0, 0], [1, 0]]).bool(), method="s_dpo"),
+        lambda: nk.preference_loss(
+            c3, r32, torch.tensor([[1, 1], [0, 0], [1, 0]]).bool(), method="s_dpo", return_outputs=True
+        ),
         ValueError,
         r"prompt 1 has an empty negative pool",
     ),
     (
         "margin-mode",
-        lambda: nk.preference_loss(c3, r32, method="napo", margin_mode="ema"),
+        lambda: nk.preference_loss(c3, r32, method="napo", margin_mode="ema", return_outputs=True),
         ValueError,
-        r"margin mode must be one of",
+        r"margin_mode must be one of",
     ),
     (
         "nan-chosen",
-        lambda: nk.preference_loss(nan_at(c3, (2,)), r32, check_finite=True),
+        lambda: nk.preference_loss(nan_at(c3, (2,)), r32, check_finite=True, return_outputs=True),
         ValueError,
         r"chosen_logps has a non-finite value \(nan\) at index \[2\]",
     ),
     (
         "inf-rejected",
-        lambda: nk.preference_loss(c3, nan_at(r32, (1, 1), -float("inf")), check_finite=True),
+        lambda: nk.preference_loss(
+            c3, nan_at(r32, (1, 1), -float("inf")), check_finite=True, return_outputs=True
+        ),
         ValueError,
         r"rejected_logps has a non-finite value \(-inf\) at index \[1, 1\]",
     ),
     (
         "nan-ref",
         lambda: nk.preference_loss(
-            c3, r32, None, nan_at(torch.zeros(3), (0,)), torch.zeros(3, 2), check_finite=True
+            c3,
+            r32,
+            None,
+            nan_at(torch.zeros(3), (0,)),
+            torch.zeros(3, 2),
+            check_finite=True,
+            return_outputs=True,
         ),
         ValueError,
         r"ref_chosen_logps has a non-finite",
     ),
     (
         "nan-confidence",
-        lambda: nk.preference_loss(c3, r32, confidence=nan_at(torch.zeros(3, 2), (0, 1)), check_finite=True),
+        lambda: nk.preference_loss(
+            c3, r32, confidence=nan_at(torch.zeros(3, 2), (0, 1)), check_finite=True, return_outputs=True
+        ),
         ValueError,
         r"confidence has a non-finite",
     ),
     (
         "nan-users",
         lambda: nk.preference_loss(
-            c3, r32, user_embeddings=nan_at(torch.zeros(3, 2), (2, 0)), check_finite=True
+            c3, r32, user_embeddings=nan_at(torch.zeros(3, 2), (2, 0)), check_finite=True, return_outputs=True
         ),
         ValueError,
         r"user_embeddings has a non-finite",
@@ -553,8 +606,12 @@ def test_masked_negative_values_are_ignored(backend):
     rejected[1, 1] = float("nan")
     mask = torch.tensor([[1, 1], [1, 0], [1, 1]]).bool()
     for method in ("s_dpo", "dmpo", "napo", "dynamicpo"):
-        out = nk.preference_loss(c3, rejected, mask, method=method, sharing="all", backend=backend)
-        clean = nk.preference_loss(c3, r32, mask, method=method, sharing="all", backend=backend)
+        out = nk.preference_loss(
+            c3, rejected, mask, method=method, sharing="all", backend=backend, return_outputs=True
+        )
+        clean = nk.preference_loss(
+            c3, r32, mask, method=method, sharing="all", backend=backend, return_outputs=True
+        )
         assert torch.isfinite(out.loss), method
         assert float(out.loss) == pytest.approx(float(clean.loss), rel=1e-6), method
 
@@ -563,7 +620,7 @@ def test_unknown_backend():
     with pytest.raises(ValueError, match=r"unknown backend 'numpy'; choose one of"):
         nk.sequence_logprobs(h, w, lab, backend="numpy")
     with pytest.raises(ValueError, match=r"unknown backend"):
-        nk.preference_loss(c3, r32, backend="numpy")
+        nk.preference_loss(c3, r32, backend="numpy", return_outputs=True)
 
 
 def test_unavailable_backend_names_the_reason(monkeypatch):
@@ -577,7 +634,7 @@ def test_unavailable_backend_names_the_reason(monkeypatch):
     real = dispatch._probe
     monkeypatch.setattr(dispatch, "_probe", lambda name: fake if name == "cpp" else real(name))
     with pytest.raises(RuntimeError, match=r"backend 'cpp' is unavailable: C\+\+ extension .* \(test\)"):
-        nk.preference_loss(c3, r32, backend="cpp")
+        nk.preference_loss(c3, r32, backend="cpp", return_outputs=True)
     # 'auto' falls back to the torch backend and says so once
     monkeypatch.setattr(dispatch, "_warned_missing_extension", False)
     with pytest.warns(UserWarning, match=r"using the pure-torch backend: C\+\+ extension"):

@@ -73,16 +73,19 @@ def test_k1_every_method_is_dpo(backend):
         dpo = [neg_log_sigmoid(beta * float(r_pos[i] - r_neg[i]) - gamma) for i in range(b)]
         for method in nk.METHODS:
             kw = dict(method=method, beta=beta, gamma=gamma, sharing="own")
-            if method == "napo":
-                kw["margin_mode"] = "none"
+            if method == "napo":  # NAPO's margin is gamma0; constant with margin_mode="none"
+                kw = dict(method=method, beta=beta, gamma0=gamma, margin_mode="none", sharing="own")
             want = dpo
-            if method == "dynamicpo":  # B_i = D_i = {the negative}: d2 = 0, beta_n from d1 alone
+            if method == "dynamicpo":  # no margin; B_i = D_i = {the negative}: d2 = 0, beta_n from d1 alone
+                kw.pop("gamma")
                 want = []
                 for i in range(b):
                     bn = beta_n_by_hand(beta, 2.0, float(s_pos[i]), float(s_neg[i, 0]), float(s_neg[i, 0]))
-                    want.append(neg_log_sigmoid(bn * float(r_pos[i] - r_neg[i]) - gamma))
+                    want.append(neg_log_sigmoid(bn * float(r_pos[i] - r_neg[i])))
             want_t = torch.tensor(want, dtype=torch.float64)
-            out = nk.preference_loss(s_pos, s_neg, None, ref_pos, ref_neg, backend=backend, **kw)
+            out = nk.preference_loss(
+                s_pos, s_neg, None, ref_pos, ref_neg, backend=backend, **kw, return_outputs=True
+            )
             assert_close(out.rows, want_t, torch.float64, f"api {method}")
             _, extras = reference.family_loss(s_pos, s_neg, None, ref_pos, ref_neg, **kw)
             assert_close(extras["rows"], want_t, torch.float64, f"reference {method}")
@@ -95,7 +98,9 @@ def test_dpo_gradient_by_hand(backend):
     s_pos = torch.tensor([0.3, -2.0, 5.0], dtype=torch.float64, requires_grad=True)
     s_neg = torch.tensor([[1.0], [-2.5], [-1.0]], dtype=torch.float64, requires_grad=True)
     beta, gamma = 1.7, 0.4
-    out = nk.preference_loss(s_pos, s_neg, method="dpo", beta=beta, gamma=gamma, backend=backend)
+    out = nk.preference_loss(
+        s_pos, s_neg, method="dpo", beta=beta, gamma=gamma, backend=backend, return_outputs=True
+    )
     d_pos, d_neg = torch.autograd.grad(out.loss, [s_pos, s_neg])
     for i in range(3):
         z = beta * float(s_pos[i].detach() - s_neg[i, 0].detach()) - gamma
@@ -123,7 +128,7 @@ def multi_negative(draw):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     s_pos = torch.randn(b, generator=gen).double() * 2
     s_neg = torch.randn(b, k, generator=gen).double() * 2
-    share = torch.rand(b, b, generator=gen) < 0.5
+    share = (torch.rand(b, b, generator=gen) < 0.5) | torch.eye(b, dtype=torch.bool)
     mask = torch.rand(b, k, generator=gen) < 0.75
     mask[:, 0] = True
     beta = draw(st.sampled_from([0.5, 1.0, 2.0]))
@@ -140,7 +145,7 @@ def test_sdpo_two_forms_agree(backend):
         s_pos, s_neg, mask, share, beta = case
         b, k = s_neg.shape
         out = nk.preference_loss(
-            s_pos, s_neg, mask, method="s_dpo", beta=beta, sharing=share, backend=backend
+            s_pos, s_neg, mask, method="s_dpo", beta=beta, sharing=share, backend=backend, return_outputs=True
         )
         pool = reference.pool_mask(mask, share)
         delta = reference.reward_matrix(s_pos, s_neg.masked_fill(~mask, 0).reshape(-1))
@@ -175,7 +180,7 @@ def test_dmpo_paper_formula(backend):
         out = nk.preference_loss(
             s_pos, s_neg, mask, ref_pos, ref_neg, method="dmpo", beta=beta, gamma=gamma, sharing=share,
             backend=backend,
-        )  # fmt: skip
+        return_outputs=True)  # fmt: skip
         want = []
         for i, p in enumerate(pools_by_hand(b, k, mask, share)):
             mean_neg = sum(beta * float(r_neg[j, kk]) for j, kk in p) / len(p)
@@ -204,7 +209,7 @@ def test_napo_paper_formula(backend, mode):
         out = nk.preference_loss(
             s_pos, s_neg, mask, method="napo", beta=beta, sharing=share, confidence=conf, margin_state=state,
             backend=backend,
-        )  # fmt: skip
+        return_outputs=True)  # fmt: skip
         pools = pools_by_hand(b, k, mask, share)
         pairs = [(j, kk) for p in pools for j, kk in p]
         m_t = sum(float(conf[j, kk]) for j, kk in pairs) / len(pairs)

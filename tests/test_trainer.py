@@ -104,7 +104,7 @@ def test_sft_training_lowers_the_loss(tmp_path):
 def _reference_loss(method, policy, ref, k, users):
     kw = dict(method=method, beta=1.0)
     if method == "napo":
-        kw |= dict(gamma=1.0, sharing="similarity", user_embeddings=users, rho=0.7, ema=0.0)
+        kw |= dict(gamma0=1.0, sharing="similarity", user_embeddings=users, rho=0.7, ema=0.0)
     loss, _ = reference.family_loss(policy[:, 0], policy[:, 1:], None, ref[:, 0], ref[:, 1:], **kw)
     return loss
 

@@ -35,7 +35,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..distributed import data_parallel_group
 from ..losses import PreferenceLoss
-from ..plan import METHODS
 from .packing import CandidateCollator, candidate_logps, candidate_rows, causal_lm_parts, resolve_layout
 
 LOSS_STATE_NAME = "napo_loss_state.pt"
@@ -168,9 +167,10 @@ class PreferenceTrainer(_CandidateTrainer):
 
     Args:
         model: a ``*ForCausalLM`` or a ``peft`` model around one.
-        method, beta, gamma, loss_kwargs: build the :class:`PreferenceLoss` (ignored if ``loss``
-            is given). ``loss_kwargs`` are its other options (``rho``, ``alpha``, ``mu``,
-            ``tau``, ``sharing``, ``margin_mode``, ``detach_shared``, ...).
+        method, beta, loss_kwargs: build the :class:`PreferenceLoss` (ignored if ``loss`` is given).
+            ``loss_kwargs`` are the other fields of :class:`~napo_kernels.LossConfig` (``gamma``,
+            ``gamma0``, ``rho``, ``alpha``, ``mu``, ``tau``, ``sharing``, ``margin_mode``,
+            ``detach_negatives``).
         reference: ``"auto"`` (adapters disabled for a peft model, ``ref_model`` if given, else a
             frozen copy of the initial model), ``"adapters"``, ``"model"`` or ``"none"``
             (reference-free rewards ``r = s_theta``).
@@ -191,7 +191,6 @@ class PreferenceTrainer(_CandidateTrainer):
         *,
         method: str = "napo",
         beta: float = 1.0,
-        gamma: float | None = None,
         loss: PreferenceLoss | None = None,
         loss_kwargs: dict | None = None,
         ref_model: nn.Module | None = None,
@@ -203,8 +202,6 @@ class PreferenceTrainer(_CandidateTrainer):
         share_across_ranks: bool = True,
         **kwargs,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
         if user_embeddings not in ("history", None):
@@ -221,7 +218,7 @@ class PreferenceTrainer(_CandidateTrainer):
             ref_model.eval().requires_grad_(False)
         self.reference, self.ref_model = reference, ref_model if reference == "model" else None
         self.criterion = loss or PreferenceLoss(
-            method, beta=beta, gamma=gamma, reduction=reduction, backend=backend, **(loss_kwargs or {})
+            method, beta=beta, reduction=reduction, backend=backend, **(loss_kwargs or {})
         )
         self.user_embedding_source = user_embeddings if self.criterion.method == "napo" else None
         self.sft_weight = float(sft_weight)
