@@ -1,7 +1,10 @@
 // Host entry points of the CUDA kernels, on raw device pointers. Plain C++ (no CUDA or torch
 // types), so csrc/cuda/ops_cuda.cpp can call them while nvcc compiles the .cu files without any
-// torch header. `stream` is a cudaStream_t; each launcher returns nullptr on success or the CUDA
-// error message of the launch.
+// torch header. Each launcher takes one struct of named fields (the caller fills them by name, with
+// C++20 designated initializers; inputs are const pointers, outputs not), so two arguments cannot
+// be swapped by position, and returns nullptr on success or the CUDA error message of the launch.
+// Element types are erased (`void*`): `dtype` says what the data pointers hold; per-row values
+// (logp, lse, grad, d_bias) are in the accumulation dtype: double for kFloat64, float otherwise.
 #pragma once
 
 #include <cstdint>
@@ -10,27 +13,57 @@ namespace napo::cuda {
 
 enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64 };
 
-// Stage 1 forward over [rows, vocab] (one block per row): lse, logp in the accumulation dtype
-// (double for kFloat64, float otherwise); `probs` (may equal `logits`, may be null) receives the
-// softmax. A row whose target lies outside [0, vocab) gets logp = NaN (checked on the device,
-// without a host synchronisation).
-const char* logprob_rows(DType dtype, const void* logits, void* probs, int64_t rows, int64_t vocab,
-                         const int64_t* targets, void* logp, void* lse, void* stream);
+// Stage 1 forward over [rows, vocab] (one block per row).
+struct LogprobRowsArgs {
+  DType dtype;             // of logits and probs
+  const void* logits;      // [rows, vocab]
+  void* probs;             // [rows, vocab] receives the softmax; may equal logits; may be null
+  int64_t rows;
+  int64_t vocab;
+  const int64_t* targets;  // [rows], trusted: a target outside [0, vocab) gives logp = NaN
+  void* logp;              // [rows], accumulation dtype
+  void* lse;               // [rows], accumulation dtype
+  void* stream;            // cudaStream_t
+};
+const char* logprob_rows(const LogprobRowsArgs& args);
 
 // Rows per partial sum of the fused bias gradient: `scratch` must hold
 // bias_scratch_groups(rows) * vocab accumulation-dtype values when `d_bias` is not null.
 int64_t bias_scratch_groups(int64_t rows);
 
-// Stage 1 backward: out = grad_r * (onehot - softmax) (`out` may equal `in`); d_bias (may be null)
-// += the column sums, reduced in a fixed order (bitwise reproducible, no atomics).
-const char* logit_grad_rows(DType dtype, const void* in, void* out, int64_t rows, int64_t vocab,
-                            const int64_t* targets, const void* grad, const void* lse, void* d_bias,
-                            void* scratch, void* stream);
+// Stage 1 backward: out = grad_r * (onehot - softmax); d_bias += the column sums, reduced in a fixed
+// order (bitwise reproducible, no atomics).
+struct LogitGradRowsArgs {
+  DType dtype;             // of in and out
+  const void* in;          // [rows, vocab] logits
+  void* out;               // [rows, vocab]; may equal in
+  int64_t rows;
+  int64_t vocab;
+  const int64_t* targets;  // [rows]
+  const void* grad;        // [rows], accumulation dtype
+  const void* lse;         // [rows], accumulation dtype
+  void* d_bias;            // [vocab], accumulation dtype, added to; may be null
+  void* scratch;           // see bias_scratch_groups; may be null when d_bias is
+  void* stream;            // cudaStream_t
+};
+const char* logit_grad_rows(const LogitGradRowsArgs& args);
 
-// Stage 2 (one block per prompt row), float32 or float64 (`is_double`). A row with no selected
+// Stage 2 (one block per prompt row) over the [batch, pool] reward matrix. A row with no selected
 // term gets loss and weights NaN.
-const char* preference_rows(bool is_double, const void* chosen, const void* rejected, const bool* select,
-                            const void* coef, const void* margin, int64_t batch, int64_t pool, int agg,
-                            void* loss_rows, void* weights, void* stream);
+struct PreferenceRowsArgs {
+  DType dtype;            // kFloat32 or kFloat64, of every float pointer below
+  const void* chosen;     // [batch]
+  const void* rejected;   // [pool]
+  const bool* select;     // [batch, pool]
+  const void* coef;       // [batch, pool]
+  const void* margin;     // [batch, pool]
+  int64_t batch;
+  int64_t pool;
+  int agg;                // kAggLse or kAggMean (napo_math.h)
+  void* loss_rows;        // [batch]
+  void* weights;          // [batch, pool]
+  void* stream;           // cudaStream_t
+};
+const char* preference_rows(const PreferenceRowsArgs& args);
 
 }  // namespace napo::cuda

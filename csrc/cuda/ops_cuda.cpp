@@ -42,10 +42,17 @@ struct CudaPasses {
   static void logprob_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
                            at::Tensor logp, at::Tensor lse) {
     const c10::cuda::CUDAGuard guard(logits.device());
-    check_launch(cuda::logprob_rows(device_dtype(logits.scalar_type()), logits.const_data_ptr(),
-                                    probs.defined() ? probs.mutable_data_ptr() : nullptr, logits.size(0),
-                                    logits.size(1), targets.const_data_ptr<int64_t>(), logp.mutable_data_ptr(),
-                                    lse.mutable_data_ptr(), current_stream(logits)),
+    check_launch(cuda::logprob_rows({
+                     .dtype = device_dtype(logits.scalar_type()),
+                     .logits = logits.const_data_ptr(),
+                     .probs = probs.defined() ? probs.mutable_data_ptr() : nullptr,
+                     .rows = logits.size(0),
+                     .vocab = logits.size(1),
+                     .targets = targets.const_data_ptr<int64_t>(),
+                     .logp = logp.mutable_data_ptr(),
+                     .lse = lse.mutable_data_ptr(),
+                     .stream = current_stream(logits),
+                 }),
                  "logprob_rows");
   }
 
@@ -55,12 +62,19 @@ struct CudaPasses {
     at::Tensor scratch;
     if (d_bias.defined())  // per-group column sums, reduced in a fixed order by the second kernel
       scratch = at::empty({cuda::bias_scratch_groups(in.size(0)), in.size(1)}, d_bias.options());
-    check_launch(cuda::logit_grad_rows(device_dtype(in.scalar_type()), in.const_data_ptr(), out.mutable_data_ptr(),
-                                       in.size(0), in.size(1), targets.const_data_ptr<int64_t>(),
-                                       grad.const_data_ptr(), lse.const_data_ptr(),
-                                       d_bias.defined() ? d_bias.mutable_data_ptr() : nullptr,
-                                       scratch.defined() ? scratch.mutable_data_ptr() : nullptr,
-                                       current_stream(in)),
+    check_launch(cuda::logit_grad_rows({
+                     .dtype = device_dtype(in.scalar_type()),
+                     .in = in.const_data_ptr(),
+                     .out = out.mutable_data_ptr(),
+                     .rows = in.size(0),
+                     .vocab = in.size(1),
+                     .targets = targets.const_data_ptr<int64_t>(),
+                     .grad = grad.const_data_ptr(),
+                     .lse = lse.const_data_ptr(),
+                     .d_bias = d_bias.defined() ? d_bias.mutable_data_ptr() : nullptr,
+                     .scratch = scratch.defined() ? scratch.mutable_data_ptr() : nullptr,
+                     .stream = current_stream(in),
+                 }),
                  "logit_grad_rows");
   }
 };
@@ -75,10 +89,20 @@ std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, c
   const int64_t batch = chosen.size(0), pool = rejected.size(0);
   at::Tensor rows = at::empty({batch}, chosen.options());
   at::Tensor weights = at::empty({batch, pool}, chosen.options());
-  check_launch(cuda::preference_rows(chosen.scalar_type() == at::kDouble, chosen.const_data_ptr(),
-                                     rejected.const_data_ptr(), select.const_data_ptr<bool>(), coef.const_data_ptr(),
-                                     margin.const_data_ptr(), batch, pool, static_cast<int>(agg),
-                                     rows.mutable_data_ptr(), weights.mutable_data_ptr(), current_stream(chosen)),
+  check_launch(cuda::preference_rows({
+                   .dtype = device_dtype(chosen.scalar_type()),
+                   .chosen = chosen.const_data_ptr(),
+                   .rejected = rejected.const_data_ptr(),
+                   .select = select.const_data_ptr<bool>(),
+                   .coef = coef.const_data_ptr(),
+                   .margin = margin.const_data_ptr(),
+                   .batch = batch,
+                   .pool = pool,
+                   .agg = static_cast<int>(agg),
+                   .loss_rows = rows.mutable_data_ptr(),
+                   .weights = weights.mutable_data_ptr(),
+                   .stream = current_stream(chosen),
+               }),
                "preference_rows");
   return {rows, weights};
 }

@@ -44,25 +44,27 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename Acc>
-const char* launch(const void* chosen, const void* rejected, const bool* select, const void* coef,
-                   const void* margin, int64_t batch, int64_t pool, int agg, void* loss_rows, void* weights,
-                   cudaStream_t stream) {
-  if (batch == 0) return nullptr;
-  preference_kernel<Acc><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-      static_cast<const Acc*>(chosen), static_cast<const Acc*>(rejected), select, static_cast<const Acc*>(coef),
-      static_cast<const Acc*>(margin), pool, agg, static_cast<Acc*>(loss_rows), static_cast<Acc*>(weights));
+const char* launch(const PreferenceRowsArgs& a) {
+  if (a.batch == 0) return nullptr;
+  preference_kernel<Acc><<<static_cast<unsigned>(a.batch), kThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(
+      static_cast<const Acc*>(a.chosen), static_cast<const Acc*>(a.rejected), a.select,
+      static_cast<const Acc*>(a.coef), static_cast<const Acc*>(a.margin), a.pool, a.agg,
+      static_cast<Acc*>(a.loss_rows), static_cast<Acc*>(a.weights));
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 }  // namespace
 
-const char* preference_rows(bool is_double, const void* chosen, const void* rejected, const bool* select,
-                            const void* coef, const void* margin, int64_t batch, int64_t pool, int agg,
-                            void* loss_rows, void* weights, void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
-  return is_double ? launch<double>(chosen, rejected, select, coef, margin, batch, pool, agg, loss_rows, weights, s)
-                   : launch<float>(chosen, rejected, select, coef, margin, batch, pool, agg, loss_rows, weights, s);
+const char* preference_rows(const PreferenceRowsArgs& args) {
+  switch (args.dtype) {
+    case DType::kFloat32:
+      return launch<float>(args);
+    case DType::kFloat64:
+      return launch<double>(args);
+    default:
+      return "napo_C: stage 2 runs in float32 or float64";
+  }
 }
 
 }  // namespace napo::cuda

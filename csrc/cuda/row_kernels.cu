@@ -82,31 +82,29 @@ int64_t rows_per_group(int64_t rows) {
 }
 
 template <typename T>
-const char* launch_logprob(const void* logits, void* probs, int64_t rows, int64_t vocab, const int64_t* targets,
-                           void* logp, void* lse, cudaStream_t stream) {
+const char* launch_logprob(const LogprobRowsArgs& a) {
   using Acc = typename Io<T>::Acc;
-  if (rows == 0) return nullptr;
-  logprob_rows_kernel<T><<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
-      static_cast<const T*>(logits), static_cast<T*>(probs), vocab, targets, static_cast<Acc*>(logp),
-      static_cast<Acc*>(lse));
+  if (a.rows == 0) return nullptr;
+  logprob_rows_kernel<T><<<static_cast<unsigned>(a.rows), kRowThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(
+      static_cast<const T*>(a.logits), static_cast<T*>(a.probs), a.vocab, a.targets, static_cast<Acc*>(a.logp),
+      static_cast<Acc*>(a.lse));
   return last_error();
 }
 
 template <typename T>
-const char* launch_logit_grad(const void* in, void* out, int64_t rows, int64_t vocab, const int64_t* targets,
-                              const void* grad, const void* lse, void* d_bias, void* scratch, cudaStream_t stream) {
+const char* launch_logit_grad(const LogitGradRowsArgs& a) {
   using Acc = typename Io<T>::Acc;
-  if (rows == 0 || vocab == 0) return nullptr;
-  const int64_t per_group = rows_per_group(rows);
-  const int64_t groups = (rows + per_group - 1) / per_group;
-  const dim3 grid(static_cast<unsigned>((vocab + kColThreads - 1) / kColThreads), static_cast<unsigned>(groups));
+  if (a.rows == 0 || a.vocab == 0) return nullptr;
+  const auto stream = static_cast<cudaStream_t>(a.stream);
+  const int64_t per_group = rows_per_group(a.rows);
+  const int64_t groups = (a.rows + per_group - 1) / per_group;
+  const dim3 grid(static_cast<unsigned>((a.vocab + kColThreads - 1) / kColThreads), static_cast<unsigned>(groups));
+  Acc* scratch = a.d_bias != nullptr ? static_cast<Acc*>(a.scratch) : nullptr;
   logit_grad_kernel<T><<<grid, kColThreads, 0, stream>>>(
-      static_cast<const T*>(in), static_cast<T*>(out), rows, vocab, per_group, targets, static_cast<const Acc*>(grad),
-      static_cast<const Acc*>(lse), d_bias != nullptr ? static_cast<Acc*>(scratch) : nullptr);
-  if (d_bias != nullptr) {
-    bias_sum_kernel<Acc><<<grid.x, kColThreads, 0, stream>>>(static_cast<const Acc*>(scratch), groups, vocab,
-                                                              static_cast<Acc*>(d_bias));
-  }
+      static_cast<const T*>(a.in), static_cast<T*>(a.out), a.rows, a.vocab, per_group, a.targets,
+      static_cast<const Acc*>(a.grad), static_cast<const Acc*>(a.lse), scratch);
+  if (a.d_bias != nullptr)
+    bias_sum_kernel<Acc><<<grid.x, kColThreads, 0, stream>>>(scratch, groups, a.vocab, static_cast<Acc*>(a.d_bias));
   return last_error();
 }
 
@@ -117,35 +115,30 @@ int64_t bias_scratch_groups(int64_t rows) {
   return (rows + per_group - 1) / per_group;
 }
 
-const char* logprob_rows(DType dtype, const void* logits, void* probs, int64_t rows, int64_t vocab,
-                         const int64_t* targets, void* logp, void* lse, void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
+const char* logprob_rows(const LogprobRowsArgs& args) {
+  switch (args.dtype) {
     case DType::kFloat16:
-      return launch_logprob<__half>(logits, probs, rows, vocab, targets, logp, lse, s);
+      return launch_logprob<__half>(args);
     case DType::kBFloat16:
-      return launch_logprob<__nv_bfloat16>(logits, probs, rows, vocab, targets, logp, lse, s);
+      return launch_logprob<__nv_bfloat16>(args);
     case DType::kFloat32:
-      return launch_logprob<float>(logits, probs, rows, vocab, targets, logp, lse, s);
+      return launch_logprob<float>(args);
     case DType::kFloat64:
-      return launch_logprob<double>(logits, probs, rows, vocab, targets, logp, lse, s);
+      return launch_logprob<double>(args);
   }
   return "napo_C: unsupported dtype";
 }
 
-const char* logit_grad_rows(DType dtype, const void* in, void* out, int64_t rows, int64_t vocab,
-                            const int64_t* targets, const void* grad, const void* lse, void* d_bias,
-                            void* scratch, void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
+const char* logit_grad_rows(const LogitGradRowsArgs& args) {
+  switch (args.dtype) {
     case DType::kFloat16:
-      return launch_logit_grad<__half>(in, out, rows, vocab, targets, grad, lse, d_bias, scratch, s);
+      return launch_logit_grad<__half>(args);
     case DType::kBFloat16:
-      return launch_logit_grad<__nv_bfloat16>(in, out, rows, vocab, targets, grad, lse, d_bias, scratch, s);
+      return launch_logit_grad<__nv_bfloat16>(args);
     case DType::kFloat32:
-      return launch_logit_grad<float>(in, out, rows, vocab, targets, grad, lse, d_bias, scratch, s);
+      return launch_logit_grad<float>(args);
     case DType::kFloat64:
-      return launch_logit_grad<double>(in, out, rows, vocab, targets, grad, lse, d_bias, scratch, s);
+      return launch_logit_grad<double>(args);
   }
   return "napo_C: unsupported dtype";
 }
