@@ -139,6 +139,8 @@ def napo_loss(
     labels: Tensor,
     *,
     bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     sequence_ids: Tensor | None = None,
     num_prompts: int | None = None,
     num_candidates: int | None = None,
@@ -167,20 +169,32 @@ def napo_loss(
     and ``num_candidates``. ``candidate_mask [B, C]`` (bool) marks existing candidates (column 0
     must be True); ``ref_logps [B, C]`` are reference scores (omit for reference-free rewards).
     ``user_embeddings``, ``confidence``, ``margin_state``, ``process_group``, ``config`` and the
-    keyword hyper-parameters are those of :func:`preference_loss`; ``reduction``, ``ignore_index``,
-    ``chunk_size``, ``memory_budget`` those of :func:`sequence_logprobs`. Returns the scalar loss, or
+    keyword hyper-parameters are those of :func:`preference_loss`; the head (``bias``, ``softcap``,
+    ``logit_scale``: :func:`napo_kernels.heads.lm_head_of` reads them from a Hugging Face model) and
+    ``reduction``, ``ignore_index``, ``chunk_size``, ``memory_budget`` those of
+    :func:`sequence_logprobs`. Returns the scalar loss, or
     a :class:`PreferenceOutput` with ``return_outputs=True``.
     """
     matrix = _split_sharing(hyper)
     cfg = LossConfig.build(config, hyper)
     margin = pipeline.resolve_margin(cfg, margin_state)
     out = _fused(
-        cfg, margin, hidden, weight, labels, bias, sequence_ids, num_prompts, num_candidates, candidate_mask,
-        ref_logps, matrix, user_embeddings, confidence, reduction, ignore_index, chunk_size, memory_budget,
-        backend, check_finite, process_group,
+        cfg, margin, hidden, weight, labels, _head(bias, softcap, logit_scale), sequence_ids, num_prompts,
+        num_candidates, candidate_mask, ref_logps, matrix, user_embeddings, confidence, reduction,
+        ignore_index, chunk_size, memory_budget, backend, check_finite, process_group,
     )  # fmt: skip
     pipeline.warn_stateless_margin(cfg, margin_state)
     return out if return_outputs else out.loss
+
+
+def _head(bias: Tensor | None, softcap: float | None, logit_scale: float) -> dict[str, Any]:
+    """The head's stage-1 options; the defaults are left out (a plain ``h W^T + b`` head)."""
+    head: dict[str, Any] = {"bias": bias}
+    if softcap is not None:
+        head["softcap"] = softcap
+    if logit_scale != 1.0:
+        head["logit_scale"] = logit_scale
+    return head
 
 
 def _fused(
@@ -189,7 +203,7 @@ def _fused(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    bias: Tensor | None,
+    head: dict[str, Any],
     sequence_ids: Tensor | None,
     num_prompts: int | None,
     num_candidates: int | None,
@@ -242,7 +256,7 @@ def _fused(
             if x is not None:
                 checks.require_finite(name, checks.require_tensor(name, x))
     logps = sequence_logprobs(
-        hidden, weight, labels, bias,
+        hidden, weight, labels, **head,
         sequence_ids=sequence_ids, num_sequences=b * c if sequence_ids is not None else None,
         sequence_mask=candidate_mask, reduction=reduction, ignore_index=ignore_index,
         chunk_size=chunk_size, memory_budget=memory_budget, backend=backend, check_finite=check_finite,
@@ -301,27 +315,33 @@ class PreferenceLoss(nn.Module):
         weight: Tensor,
         labels: Tensor,
         *,
+        bias: Tensor | None = None,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        sequence_ids: Tensor | None = None,
+        num_prompts: int | None = None,
+        num_candidates: int | None = None,
+        candidate_mask: Tensor | None = None,
+        ref_logps: Tensor | None = None,
         sharing: Tensor | None = None,
+        user_embeddings: Tensor | None = None,
+        confidence: Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
         check_finite: bool = False,
-        **inputs: Any,
+        **fixed: Any,
     ) -> PreferenceOutput:
-        """The inputs of :func:`napo_loss` (``bias``, ``sequence_ids``, ``num_prompts``,
-        ``num_candidates``, ``candidate_mask``, ``ref_logps``, ``user_embeddings``, ``confidence``,
-        and a per-batch ``[B, B]`` ``sharing`` matrix); hyper-parameters are set at construction."""
-        allowed = {"bias", "sequence_ids", "num_prompts", "num_candidates", "candidate_mask", "ref_logps",
-                   "user_embeddings", "confidence", "ignore_index"}  # fmt: skip
-        unknown = sorted(set(inputs) - allowed)
-        if unknown:
-            takes = sorted(allowed | {"sharing", "check_finite"})
-            raise TypeError(f"PreferenceLoss got {unknown}: hyper-parameters and kernel options are fixed at "
-                            f"construction; a call takes {takes}")  # fmt: skip
-        inputs.setdefault("ignore_index", IGNORE_INDEX)
+        """The inputs of :func:`napo_loss`, and a per-batch ``[B, B]`` ``sharing`` matrix;
+        hyper-parameters and kernel options are fixed at construction."""
+        if fixed:
+            got = sorted(fixed)
+            raise TypeError(
+                f"PreferenceLoss got {got}: hyper-parameters and kernel options are fixed at construction"
+            )
         return _fused(
-            self.config, self.margin, hidden, weight, labels, inputs.get("bias"), inputs.get("sequence_ids"),
-            inputs.get("num_prompts"), inputs.get("num_candidates"), inputs.get("candidate_mask"),
-            inputs.get("ref_logps"), sharing, inputs.get("user_embeddings"), inputs.get("confidence"),
-            self.reduction, inputs["ignore_index"], self.chunk_size, self.memory_budget, self.backend,
-            check_finite, self.process_group,
+            self.config, self.margin, hidden, weight, labels, _head(bias, softcap, logit_scale), sequence_ids,
+            num_prompts, num_candidates, candidate_mask, ref_logps, sharing, user_embeddings, confidence,
+            self.reduction, ignore_index, self.chunk_size, self.memory_budget, self.backend, check_finite,
+            self.process_group,
         )  # fmt: skip
 
     def from_logps(
