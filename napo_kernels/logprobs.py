@@ -103,6 +103,8 @@ def _reduce(
     counts = torch.bincount(rows_seq, minlength=num_sequences)
     required = counts == 0
     if sequence_mask is not None:
+        checks.require_tensor("sequence_mask", sequence_mask)
+        checks.require_mask("sequence_mask", sequence_mask)
         if sequence_mask.numel() != num_sequences:
             raise ValueError(
                 f"sequence_mask must have {num_sequences} entries, got {list(sequence_mask.shape)}"

@@ -292,3 +292,10 @@ def test_return_convention():
     module_out = nk.PreferenceLoss("s_dpo")(hidden, weight, labels)
     assert isinstance(module_out, nk.PreferenceOutput)
     torch.testing.assert_close(module_out.loss, fused, rtol=0, atol=0)
+
+
+def test_float_sequence_mask_is_rejected():
+    with raises(
+        TypeError, r"sequence_mask must be a bool tensor \(True where the entry exists\), got torch.float32"
+    ):
+        nk.sequence_logprobs(hidden, weight, labels, sequence_mask=torch.full((B, C), 0.5))
