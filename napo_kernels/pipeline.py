@@ -10,6 +10,7 @@ Both entries use it: :func:`napo_kernels.preference_loss` in one process and the
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -231,7 +232,7 @@ def make_plan(
     return plan
 
 
-def check_pools(pool: Tensor, describe: callable) -> None:
+def check_pools(pool: Tensor, describe: Callable[[int], str]) -> None:
     """Every prompt needs at least one negative in its pool."""
     empty = ~pool.any(1)
     if bool(empty.any()):
