@@ -10,23 +10,22 @@
 namespace napo {
 
 // fp64 accumulates in fp64, every other float dtype in fp32 (as kernels/torch_chunked.py).
-inline at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_float(const char* op, const char* name, const at::Tensor& x) {
   const auto t = x.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble, op, ": ", name,
-                   " must be float16, bfloat16, float32 or float64, got ", t);
+  TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble, op, ": ",
+                   name, " must be float16, bfloat16, float32 or float64, got ", t);
 }
 
 inline void check_device(const char* op, const char* name, const at::Tensor& x, const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(x.device() == ref.device(), op, ": ", name, " is on ", x.device(), " but the first input is on ",
-                    ref.device());
+  TORCH_CHECK_VALUE(x.device() == ref.device(), op, ": ", name, " is on ", x.device(),
+                    " but the first input is on ", ref.device());
 }
 
 inline void check_dtype(const char* op, const char* name, const at::Tensor& x, at::ScalarType want) {
-  TORCH_CHECK_TYPE(x.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", x.scalar_type());
+  TORCH_CHECK_TYPE(x.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ",
+                   x.scalar_type());
 }
 
 inline void check_shape(const char* op, const char* name, const at::Tensor& x, at::IntArrayRef want) {
@@ -44,7 +43,8 @@ inline void check_targets(const char* op, const at::Tensor& targets, const at::T
 
 // Stage 1 from hidden states: hidden [R, H], weight [V, H], bias [V] (all one float dtype).
 inline void check_linear(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, const at::Tensor& targets, int64_t chunk_size) {
+                         const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+                         int64_t chunk_size) {
   TORCH_CHECK_VALUE(hidden.dim() == 2, op, ": hidden must be [R, H], got ", hidden.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be [V, H], got ", weight.sizes());
   TORCH_CHECK_VALUE(hidden.size(1) == weight.size(1), op, ": hidden is ", hidden.sizes(), " but weight is ",
@@ -83,7 +83,8 @@ inline void check_preference(const at::Tensor& chosen, const at::Tensor& rejecte
   TORCH_CHECK_VALUE(chosen.dim() == 1, op, ": chosen must be [B], got ", chosen.sizes());
   TORCH_CHECK_VALUE(rejected.dim() == 1, op, ": rejected must be [M], got ", rejected.sizes());
   TORCH_CHECK_TYPE(chosen.scalar_type() == at::kFloat || chosen.scalar_type() == at::kDouble, op,
-                   ": chosen must be float32 or float64 (the accumulation dtype), got ", chosen.scalar_type());
+                   ": chosen must be float32 or float64 (the accumulation dtype), got ",
+                   chosen.scalar_type());
   const std::vector<int64_t> bm{chosen.size(0), rejected.size(0)};
   check_dtype(op, "rejected", rejected, chosen.scalar_type());
   check_dtype(op, "select", select, at::kBool);

@@ -41,12 +41,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_outputs(const a
 // fill); fp16/bf16: in an fp32 buffer, each chunk's product rounded once (as the torch backend).
 // The bias gradient is summed in the accumulation type.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads_begin(const at::Tensor& hidden,
-                                                                         const at::Tensor& weight, bool need_hidden,
-                                                                         bool need_weight, bool need_bias) {
+                                                                         const at::Tensor& weight,
+                                                                         bool need_hidden, bool need_weight,
+                                                                         bool need_bias) {
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const bool acc_is_input = acc.dtype() == hidden.dtype();
-  at::Tensor d_hidden = need_hidden ? at::empty(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
-  at::Tensor d_weight = !need_weight  ? at::empty({0}, weight.options())
+  at::Tensor d_hidden =
+      need_hidden ? at::empty(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
+  at::Tensor d_weight = !need_weight   ? at::empty({0}, weight.options())
                         : acc_is_input ? at::empty(weight.sizes(), weight.options())
                                        : at::zeros(weight.sizes(), acc);
   at::Tensor d_bias = need_bias ? at::zeros({weight.size(0)}, acc) : at::empty({0}, weight.options());
@@ -55,9 +57,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads_begin(const a
 }
 
 // The accumulators of linear_grads_begin rounded to the parameters' dtypes.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads_end(const at::Tensor& d_hidden, at::Tensor d_weight,
-                                                                       at::Tensor d_bias, const at::Tensor& weight,
-                                                                       const std::optional<at::Tensor>& bias) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads_end(
+    const at::Tensor& d_hidden, at::Tensor d_weight, at::Tensor d_bias, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias) {
   if (d_weight.scalar_type() != weight.scalar_type()) d_weight = d_weight.to(weight.scalar_type());
   const auto bias_type = bias.has_value() ? bias->scalar_type() : weight.scalar_type();
   if (d_bias.scalar_type() != bias_type) d_bias = d_bias.to(bias_type);
@@ -65,10 +67,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads_end(const at:
 }
 
 template <class Passes>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight,
-                                                                   const std::optional<at::Tensor>& bias,
-                                                                   const at::Tensor& targets_in, int64_t chunk_size,
-                                                                   bool compute_expected) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets_in, int64_t chunk_size, bool compute_expected) {
   check_linear("napo_C::linear_logprobs_fwd", hidden, weight, bias, targets_in, chunk_size);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
@@ -140,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
 }
 
 template <class Passes>
-std::tuple<at::Tensor, at::Tensor> logits_logprobs_fwd(const at::Tensor& logits_in, const at::Tensor& targets_in) {
+std::tuple<at::Tensor, at::Tensor> logits_logprobs_fwd(const at::Tensor& logits_in,
+                                                       const at::Tensor& targets_in) {
   check_logits("napo_C::logits_logprobs_fwd", logits_in, targets_in);
   const at::Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
   const auto acc = logits.options().dtype(acc_type(logits.scalar_type()));
@@ -150,8 +152,8 @@ std::tuple<at::Tensor, at::Tensor> logits_logprobs_fwd(const at::Tensor& logits_
 }
 
 template <class Passes>
-at::Tensor logits_logprobs_bwd(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& targets_in,
-                               const at::Tensor& lse_in) {
+at::Tensor logits_logprobs_bwd(const at::Tensor& grad_in, const at::Tensor& logits_in,
+                               const at::Tensor& targets_in, const at::Tensor& lse_in) {
   const char* op = "napo_C::logits_logprobs_bwd";
   check_logits(op, logits_in, targets_in);
   check_row_vector(op, "grad", grad_in, logits_in);

@@ -11,8 +11,8 @@
 // `import napo_kernels._C` loads this shared library, which runs the registrations below; the
 // module itself is empty (the ops live in torch.ops.napo_C).
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "napo-kernels C++/CUDA kernels (torch.ops.napo_C)", -1,
-                               nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "napo-kernels C++/CUDA kernels (torch.ops.napo_C)", -1, nullptr};
   return PyModule_Create(&module);
 }
 
@@ -43,7 +43,8 @@ TORCH_LIBRARY(napo_C, m) {
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int chunk_size, "
       "bool compute_expected) -> (Tensor logp, Tensor lse, Tensor expected)");
   m.def(
-      "linear_logprobs_bwd(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, "
+      "linear_logprobs_bwd(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor "
+      "lse, "
       "int chunk_size, bool need_hidden, bool need_weight, bool need_bias) "
       "-> (Tensor d_hidden, Tensor d_weight, Tensor d_bias)");
   m.def("logits_logprobs_fwd(Tensor logits, Tensor targets) -> (Tensor logp, Tensor lse)");

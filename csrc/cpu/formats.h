@@ -48,8 +48,8 @@ struct BFloat16 {
   static float load(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
   static uint16_t store(float f) {
     const uint32_t b = float_bits(f);
-    const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;  // the carry may reach inf: correct
-    return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);   // NaN: the canonical quiet NaN
+    const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;    // the carry may reach inf: correct
+    return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);  // NaN: the canonical quiet NaN
   }
 };
 
@@ -59,9 +59,9 @@ struct Float16 {
   using acc = float;
   static float load(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    const uint32_t em = h & 0x7FFFu;                               // exponent and mantissa
-    const uint32_t normal = (em << 13) + ((127u - 15u) << 23);    // rebias the exponent
-    const uint32_t inf_nan = (em << 13) | 0x7F800000u;            // exponent 31 -> 255, payload kept
+    const uint32_t em = h & 0x7FFFu;                            // exponent and mantissa
+    const uint32_t normal = (em << 13) + ((127u - 15u) << 23);  // rebias the exponent
+    const uint32_t inf_nan = (em << 13) | 0x7F800000u;          // exponent 31 -> 255, payload kept
     const uint32_t sub = float_bits(static_cast<float>(em) * 5.9604644775390625e-8f);  // em * 2^-24, exact
     const uint32_t mag = em >= 0x7C00u ? inf_nan : (em < 0x0400u ? sub : normal);
     return bits_float(sign | mag);

@@ -16,9 +16,7 @@ namespace napo {
 namespace {
 
 // torch's intra-op thread count, or 1 inside a torch parallel region (no nested teams).
-int team_size() {
-  return at::in_parallel_region() ? 1 : at::get_num_threads();
-}
+int team_size() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
 
 // Calls fn with the storage format (csrc/cpu/formats.h) of a float dtype: fp16/bf16 go to the row
 // loops as raw 16-bit patterns.
@@ -46,25 +44,25 @@ struct CpuPasses {
       using T = typename F::storage;
       using Acc = typename F::acc;
       cpu::logprob_rows<F>(static_cast<const T*>(logits.const_data_ptr()),
-                           probs.defined() ? static_cast<T*>(probs.mutable_data_ptr()) : nullptr, logits.size(0),
-                           logits.size(1), targets.const_data_ptr<int64_t>(), logp.mutable_data_ptr<Acc>(),
-                           lse.mutable_data_ptr<Acc>(), team_size());
+                           probs.defined() ? static_cast<T*>(probs.mutable_data_ptr()) : nullptr,
+                           logits.size(0), logits.size(1), targets.const_data_ptr<int64_t>(),
+                           logp.mutable_data_ptr<Acc>(), lse.mutable_data_ptr<Acc>(), team_size());
     });
   }
 
   static void logprob_tile_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
-                                int64_t offset, at::Tensor run_max, at::Tensor run_sum, at::Tensor target_logit,
-                                at::Tensor scale, bool normalize) {
+                                int64_t offset, at::Tensor run_max, at::Tensor run_sum,
+                                at::Tensor target_logit, at::Tensor scale, bool normalize) {
     with_format(logits.scalar_type(), [&](auto format) {
       using F = decltype(format);
       using T = typename F::storage;
       using Acc = typename F::acc;
       cpu::logprob_tile_rows<F>(static_cast<const T*>(logits.const_data_ptr()),
-                                probs.defined() ? static_cast<T*>(probs.mutable_data_ptr()) : nullptr, logits.size(0),
-                                logits.size(1), offset, targets.const_data_ptr<int64_t>(),
+                                probs.defined() ? static_cast<T*>(probs.mutable_data_ptr()) : nullptr,
+                                logits.size(0), logits.size(1), offset, targets.const_data_ptr<int64_t>(),
                                 run_max.mutable_data_ptr<Acc>(), run_sum.mutable_data_ptr<Acc>(),
-                                target_logit.mutable_data_ptr<Acc>(), scale.mutable_data_ptr<Acc>(), normalize,
-                                team_size());
+                                target_logit.mutable_data_ptr<Acc>(), scale.mutable_data_ptr<Acc>(),
+                                normalize, team_size());
     });
   }
 
@@ -88,30 +86,30 @@ struct CpuPasses {
       using F = decltype(format);
       using T = typename F::storage;
       using Acc = typename F::acc;
-      cpu::logit_grad_rows<F>(static_cast<const T*>(in.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()),
-                              in.size(0), in.size(1), offset, targets.const_data_ptr<int64_t>(),
-                              grad.const_data_ptr<Acc>(), lse.const_data_ptr<Acc>(),
+      cpu::logit_grad_rows<F>(static_cast<const T*>(in.const_data_ptr()),
+                              static_cast<T*>(out.mutable_data_ptr()), in.size(0), in.size(1), offset,
+                              targets.const_data_ptr<int64_t>(), grad.const_data_ptr<Acc>(),
+                              lse.const_data_ptr<Acc>(),
                               d_bias.defined() ? d_bias.mutable_data_ptr<Acc>() : nullptr, team_size());
     });
   }
 };
 
 // Stage 1 entry points: vocabulary tiles when the vocabulary is wider than one tile.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(const at::Tensor& hidden,
-                                                                       const at::Tensor& weight,
-                                                                       const std::optional<at::Tensor>& bias,
-                                                                       const at::Tensor& targets, int64_t chunk_size,
-                                                                       bool compute_expected) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, int64_t chunk_size, bool compute_expected) {
   check_linear("napo_C::linear_logprobs_fwd", hidden, weight, bias, targets, chunk_size);
   const cpu::TilePlan plan = cpu::plan_tiles(hidden.size(0), weight.size(0), chunk_size);
-  if (!plan.tiled) return linear_logprobs_fwd<CpuPasses>(hidden, weight, bias, targets, chunk_size, compute_expected);
+  if (!plan.tiled)
+    return linear_logprobs_fwd<CpuPasses>(hidden, weight, bias, targets, chunk_size, compute_expected);
   return cpu::tiled_linear_fwd<CpuPasses>(hidden, weight, bias, targets, plan, compute_expected);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
-    const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, const at::Tensor& lse, int64_t chunk_size, bool need_hidden, bool need_weight,
-    bool need_bias) {
+    const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
+    int64_t chunk_size, bool need_hidden, bool need_weight, bool need_bias) {
   const char* op = "napo_C::linear_logprobs_bwd";
   check_linear(op, hidden, weight, bias, targets, chunk_size);
   check_row_vector(op, "grad", grad, hidden);
@@ -120,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
   if (!plan.tiled)
     return linear_logprobs_bwd<CpuPasses>(grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden,
                                           need_weight, need_bias);
-  return cpu::tiled_linear_bwd<CpuPasses>(grad, hidden, weight, bias, targets, lse, plan, need_hidden, need_weight,
-                                          need_bias);
+  return cpu::tiled_linear_bwd<CpuPasses>(grad, hidden, weight, bias, targets, lse, plan, need_hidden,
+                                          need_weight, need_bias);
 }
 
 std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, const at::Tensor& rejected_in,
@@ -129,7 +127,8 @@ std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, c
                                                   const at::Tensor& margin_in, int64_t agg) {
   check_preference(chosen_in, rejected_in, select_in, coef_in, margin_in, agg);
   const at::Tensor chosen = chosen_in.contiguous(), rejected = rejected_in.contiguous();
-  const at::Tensor select = select_in.contiguous(), coef = coef_in.contiguous(), margin = margin_in.contiguous();
+  const at::Tensor select = select_in.contiguous(), coef = coef_in.contiguous(),
+                   margin = margin_in.contiguous();
   const int64_t batch = chosen.size(0), pool = rejected.size(0);
   at::Tensor rows = at::empty({batch}, chosen.options());
   at::Tensor weights = at::empty({batch, pool}, chosen.options());
@@ -137,11 +136,13 @@ std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, c
   AT_DISPATCH_FLOATING_TYPES(chosen.scalar_type(), "napo_preference_rows", [&] {
     empty_row = cpu::preference_rows<scalar_t>(
         chosen.const_data_ptr<scalar_t>(), rejected.const_data_ptr<scalar_t>(), select.const_data_ptr<bool>(),
-        coef.const_data_ptr<scalar_t>(), margin.const_data_ptr<scalar_t>(), batch, pool, static_cast<int>(agg),
-        rows.mutable_data_ptr<scalar_t>(), weights.mutable_data_ptr<scalar_t>(), team_size());
+        coef.const_data_ptr<scalar_t>(), margin.const_data_ptr<scalar_t>(), batch, pool,
+        static_cast<int>(agg), rows.mutable_data_ptr<scalar_t>(), weights.mutable_data_ptr<scalar_t>(),
+        team_size());
   });
   TORCH_CHECK_VALUE(empty_row < 0, "napo_C::preference_fwd: prompt ", empty_row,
-                    " has no selected negative (select[", empty_row, "] is all False), so its loss is undefined");
+                    " has no selected negative (select[", empty_row,
+                    "] is all False), so its loss is undefined");
   return {rows, weights};
 }
 

@@ -39,7 +39,8 @@ Isa widest_supported() {
   static const Isa widest = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("fma"))
       return Isa::kAvx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
     return Isa::kGeneric;
@@ -79,17 +80,17 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
 }
 
 template <class F>
-void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width, int64_t offset,
-                       const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum, AccOf<F>* target_logit,
-                       AccOf<F>* scale, bool normalize, int threads) {
+void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width,
+                       int64_t offset, const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum,
+                       AccOf<F>* target_logit, AccOf<F>* scale, bool normalize, int threads) {
   switch (active_isa()) {
 #ifdef NAPO_CPU_X86_CLONES
     case Isa::kAvx512:
       return avx512::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum,
                                           target_logit, scale, normalize, threads);
     case Isa::kAvx2:
-      return avx2::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum, target_logit,
-                                        scale, normalize, threads);
+      return avx2::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum,
+                                        target_logit, scale, normalize, threads);
 #endif
     default:
       return generic::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum,
@@ -116,11 +117,11 @@ void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_
 // Stage 2 is O(B * M) and tiny next to stage 1: one plain version, OpenMP over prompt rows.
 template <typename Acc>
 int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* select, const Acc* coef,
-                        const Acc* margin, int64_t batch, int64_t pool, int agg, Acc* loss_rows,
-                        Acc* weights, int threads) {
+                        const Acc* margin, int64_t batch, int64_t pool, int agg, Acc* loss_rows, Acc* weights,
+                        int threads) {
   int64_t first_empty = batch;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(min : first_empty) \
-    if (batch * pool >= (1 << 15))
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    reduction(min : first_empty) if (batch * pool >= (1 << 15))
   for (int64_t i = 0; i < batch; ++i) {
     const int64_t base = i * pool;
     LsePair<Acc> acc = lse_empty<Acc>();
@@ -144,7 +145,8 @@ int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* sele
     for (int64_t n = 0; n < pool; ++n) {
       weights[base + n] =
           select[base + n]
-              ? preference_weight(agg, preference_term(chosen[i], rejected[n], coef[base + n], margin[base + n]),
+              ? preference_weight(agg,
+                                  preference_term(chosen[i], rejected[n], coef[base + n], margin[base + n]),
                                   coef[base + n], z, sig, cnt)
               : Acc(0);
     }
@@ -152,13 +154,13 @@ int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* sele
   return first_empty == batch ? -1 : first_empty;
 }
 
-#define NAPO_INSTANTIATE_ROWS(F)                                                                          \
+#define NAPO_INSTANTIATE_ROWS(F)                                                                             \
   template void logprob_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, const int64_t*, AccOf<F>*, \
-                                AccOf<F>*, int);                                                           \
-  template void logprob_tile_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t,            \
-                                     const int64_t*, AccOf<F>*, AccOf<F>*, AccOf<F>*, AccOf<F>*, bool, int);     \
-  template void logit_grad_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t, const int64_t*, \
-                                   const AccOf<F>*, const AccOf<F>*, AccOf<F>*, int);
+                                AccOf<F>*, int);                                                             \
+  template void logprob_tile_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t,              \
+                                     const int64_t*, AccOf<F>*, AccOf<F>*, AccOf<F>*, AccOf<F>*, bool, int); \
+  template void logit_grad_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t,                \
+                                   const int64_t*, const AccOf<F>*, const AccOf<F>*, AccOf<F>*, int);
 NAPO_INSTANTIATE_ROWS(Float32)
 NAPO_INSTANTIATE_ROWS(Float64)
 NAPO_INSTANTIATE_ROWS(Float16)

@@ -28,14 +28,15 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
 // (the softmax so far, at most 1 in total: no fp16 overflow in a product with the weights) and
 // scale also carries old sum / new sum. After the last tile lse = max + log(sum).
 template <class F>
-void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width, int64_t offset,
-                       const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum, AccOf<F>* target_logit,
-                       AccOf<F>* scale, bool normalize, int threads);
+void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width,
+                       int64_t offset, const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum,
+                       AccOf<F>* target_logit, AccOf<F>* scale, bool normalize, int threads);
 
 // Backward over a [rows, vocab] block whose column 0 is vocabulary entry `offset` (0 for whole
 // rows, the tile start for a vocabulary tile):
-// out[r, v] = grad[r] * ([offset + v == y_r] - exp(in[r, v] - lse[r])) (`out` may be `in`). When `d_bias` is not null, d_bias[v] += sum_r of those values, summed in
-// the accumulation type before they are rounded for storage, in a fixed order (bitwise reproducible).
+// out[r, v] = grad[r] * ([offset + v == y_r] - exp(in[r, v] - lse[r])) (`out` may be `in`). When `d_bias` is
+// not null, d_bias[v] += sum_r of those values, summed in the accumulation type before they are rounded for
+// storage, in a fixed order (bitwise reproducible).
 template <class F>
 void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab, int64_t offset,
                      const int64_t* targets, const AccOf<F>* grad, const AccOf<F>* lse, AccOf<F>* d_bias,
@@ -45,7 +46,7 @@ void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_
 // Returns the index of the first row with no selected term (-1 if none); such a row is left unset.
 template <typename Acc>
 int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* select, const Acc* coef,
-                        const Acc* margin, int64_t batch, int64_t pool, int agg, Acc* loss_rows,
-                        Acc* weights, int threads);
+                        const Acc* margin, int64_t batch, int64_t pool, int agg, Acc* loss_rows, Acc* weights,
+                        int threads);
 
 }  // namespace napo::cpu

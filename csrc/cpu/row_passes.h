@@ -71,9 +71,9 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
 // and scale[r] = exp(old max - new max), the factor for whatever was summed against the old max.
 // `normalize`: probs are also divided by the new sum and scale carries old sum / new sum.
 template <class F>
-void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width, int64_t offset,
-                       const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum, AccOf<F>* target_logit,
-                       AccOf<F>* scale, bool normalize, int threads) {
+void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width,
+                       int64_t offset, const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum,
+                       AccOf<F>* target_logit, AccOf<F>* scale, bool normalize, int threads) {
   using T = Storage<F>;
   using Acc = AccOf<F>;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * width >= kParallelMin && rows > 1)
@@ -142,8 +142,8 @@ void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_
     for (int64_t i = 0; i < spans; ++i) {
       const int64_t r = i / blocks, lo = (i % blocks) * kColBlock;
       const int len = static_cast<int>(std::min(kColBlock, vocab - lo));
-      logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, target_in(r, lo, len), grad[r], lse[r],
-                         nullptr);
+      logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, target_in(r, lo, len), grad[r],
+                         lse[r], nullptr);
     }
     return;
   }
@@ -154,8 +154,8 @@ void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_
     const int len = static_cast<int>(std::min(kColBlock, vocab - lo));
     Acc bias_sum[kColBlock] = {};
     for (int64_t r = 0; r < rows; ++r)
-      logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, target_in(r, lo, len), grad[r], lse[r],
-                         bias_sum);
+      logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, target_in(r, lo, len), grad[r],
+                         lse[r], bias_sum);
 #pragma omp simd
     for (int v = 0; v < len; ++v) d_bias[lo + v] += bias_sum[v];
   }

@@ -62,16 +62,15 @@ inline TilePlan plan_tiles(int64_t rows, int64_t vocab, int64_t chunk_size) {
 
 // Rows of the logits block a plan allocates for `rows` rows (the untiled loop too: its chunks are
 // plan.rows = chunk_size rows of the whole vocabulary).
-inline int64_t block_rows(const TilePlan& plan, int64_t rows) {
-  return std::min(plan.rows, rows);
-}
+inline int64_t block_rows(const TilePlan& plan, int64_t rows) { return std::min(plan.rows, rows); }
 
 inline std::optional<at::Tensor> bias_tile(const std::optional<at::Tensor>& bias, int64_t v0, int64_t w) {
   return bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, v0, w)) : std::nullopt;
 }
 
 template <class Passes>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor& hidden, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor& hidden,
+                                                                const at::Tensor& weight,
                                                                 const std::optional<at::Tensor>& bias,
                                                                 const at::Tensor& targets_in, TilePlan plan,
                                                                 bool compute_expected) {
@@ -101,9 +100,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor
       at::Tensor logits = block.narrow(0, 0, n * w).view({n, w});
       chunk_logits(logits, h, wt, bias_tile(bias, v0, w));
       // in place: the logits become exp(logit - running max) when the frozen head needs them
-      Passes::logprob_tile_rows(logits, compute_expected ? logits : at::Tensor(), targets.narrow(0, lo, n), v0,
-                                run_max.narrow(0, lo, n), run_sum.narrow(0, lo, n), target_logit.narrow(0, lo, n),
-                                scale.narrow(0, 0, n), normalize);
+      Passes::logprob_tile_rows(logits, compute_expected ? logits : at::Tensor(), targets.narrow(0, lo, n),
+                                v0, run_max.narrow(0, lo, n), run_sum.narrow(0, lo, n),
+                                target_logit.narrow(0, lo, n), scale.narrow(0, 0, n), normalize);
       if (!compute_expected) continue;
       if (v0 == 0) {
         if (acc_is_input)
@@ -126,12 +125,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor
 }
 
 template <class Passes>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(const at::Tensor& grad_in, const at::Tensor& hidden,
-                                                                const at::Tensor& weight,
-                                                                const std::optional<at::Tensor>& bias,
-                                                                const at::Tensor& targets_in, const at::Tensor& lse_in,
-                                                                TilePlan plan, bool need_hidden, bool need_weight,
-                                                                bool need_bias) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(
+    const at::Tensor& grad_in, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets_in, const at::Tensor& lse_in,
+    TilePlan plan, bool need_hidden, bool need_weight, bool need_bias) {
   const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous(), grad = grad_in.contiguous(), lse = lse_in.contiguous();
@@ -146,7 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(const at::Tensor
     for (int64_t lo = 0; lo < rows; lo += plan.rows) {
       const int64_t n = std::min(plan.rows, rows - lo);
       const at::Tensor h = hidden.narrow(0, lo, n);
-      at::Tensor dh = !need_hidden ? at::Tensor() : acc_is_input ? d_hidden.narrow(0, lo, n) : dh_sum.narrow(0, 0, n);
+      at::Tensor dh = !need_hidden   ? at::Tensor()
+                      : acc_is_input ? d_hidden.narrow(0, lo, n)
+                                     : dh_sum.narrow(0, 0, n);
       for (int64_t v0 = 0; v0 < vocab; v0 += plan.width) {
         const int64_t w = std::min(plan.width, vocab - v0);
         const at::Tensor wt = weight.narrow(0, v0, w);

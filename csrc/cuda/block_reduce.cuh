@@ -45,7 +45,8 @@ struct Io<__nv_bfloat16> {
 template <typename Acc>
 __device__ inline LsePair<Acc> warp_lse(LsePair<Acc> p) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    const LsePair<Acc> other{__shfl_xor_sync(0xffffffffu, p.max, offset), __shfl_xor_sync(0xffffffffu, p.sum, offset)};
+    const LsePair<Acc> other{__shfl_xor_sync(0xffffffffu, p.max, offset),
+                             __shfl_xor_sync(0xffffffffu, p.sum, offset)};
     p = lse_merge(p, other);
   }
   return p;

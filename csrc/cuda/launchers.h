@@ -15,9 +15,9 @@ enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64 };
 
 // Stage 1 forward over [rows, vocab] (one block per row).
 struct LogprobRowsArgs {
-  DType dtype;             // of logits and probs
-  const void* logits;      // [rows, vocab]
-  void* probs;             // [rows, vocab] receives the softmax; may equal logits; may be null
+  DType dtype;         // of logits and probs
+  const void* logits;  // [rows, vocab]
+  void* probs;         // [rows, vocab] receives the softmax; may equal logits; may be null
   int64_t rows;
   int64_t vocab;
   const int64_t* targets;  // [rows], trusted: a target outside [0, vocab) gives logp = NaN
@@ -34,9 +34,9 @@ int64_t bias_scratch_groups(int64_t rows);
 // Stage 1 backward: out = grad_r * (onehot - softmax); d_bias += the column sums, reduced in a fixed
 // order (bitwise reproducible, no atomics).
 struct LogitGradRowsArgs {
-  DType dtype;             // of in and out
-  const void* in;          // [rows, vocab] logits
-  void* out;               // [rows, vocab]; may equal in
+  DType dtype;     // of in and out
+  const void* in;  // [rows, vocab] logits
+  void* out;       // [rows, vocab]; may equal in
   int64_t rows;
   int64_t vocab;
   const int64_t* targets;  // [rows]
@@ -51,18 +51,18 @@ const char* logit_grad_rows(const LogitGradRowsArgs& args);
 // Stage 2 (one block per prompt row) over the [batch, pool] reward matrix. A row with no selected
 // term gets loss and weights NaN.
 struct PreferenceRowsArgs {
-  DType dtype;            // kFloat32 or kFloat64, of every float pointer below
-  const void* chosen;     // [batch]
-  const void* rejected;   // [pool]
-  const bool* select;     // [batch, pool]
-  const void* coef;       // [batch, pool]
-  const void* margin;     // [batch, pool]
+  DType dtype;           // kFloat32 or kFloat64, of every float pointer below
+  const void* chosen;    // [batch]
+  const void* rejected;  // [pool]
+  const bool* select;    // [batch, pool]
+  const void* coef;      // [batch, pool]
+  const void* margin;    // [batch, pool]
   int64_t batch;
   int64_t pool;
-  int agg;                // kAggLse or kAggMean (napo_math.h)
-  void* loss_rows;        // [batch]
-  void* weights;          // [batch, pool]
-  void* stream;           // cudaStream_t
+  int agg;          // kAggLse or kAggMean (napo_math.h)
+  void* loss_rows;  // [batch]
+  void* weights;    // [batch, pool]
+  void* stream;     // cudaStream_t
 };
 const char* preference_rows(const PreferenceRowsArgs& args);
 

@@ -85,7 +85,8 @@ std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, c
   check_preference(chosen_in, rejected_in, select_in, coef_in, margin_in, agg);
   const c10::cuda::CUDAGuard guard(chosen_in.device());
   const at::Tensor chosen = chosen_in.contiguous(), rejected = rejected_in.contiguous();
-  const at::Tensor select = select_in.contiguous(), coef = coef_in.contiguous(), margin = margin_in.contiguous();
+  const at::Tensor select = select_in.contiguous(), coef = coef_in.contiguous(),
+                   margin = margin_in.contiguous();
   const int64_t batch = chosen.size(0), pool = rejected.size(0);
   at::Tensor rows = at::empty({batch}, chosen.options());
   at::Tensor weights = at::empty({batch, pool}, chosen.options());

@@ -46,10 +46,11 @@ __global__ void __launch_bounds__(kThreads)
 template <typename Acc>
 const char* launch(const PreferenceRowsArgs& a) {
   if (a.batch == 0) return nullptr;
-  preference_kernel<Acc><<<static_cast<unsigned>(a.batch), kThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(
-      static_cast<const Acc*>(a.chosen), static_cast<const Acc*>(a.rejected), a.select,
-      static_cast<const Acc*>(a.coef), static_cast<const Acc*>(a.margin), a.pool, a.agg,
-      static_cast<Acc*>(a.loss_rows), static_cast<Acc*>(a.weights));
+  preference_kernel<Acc>
+      <<<static_cast<unsigned>(a.batch), kThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(
+          static_cast<const Acc*>(a.chosen), static_cast<const Acc*>(a.rejected), a.select,
+          static_cast<const Acc*>(a.coef), static_cast<const Acc*>(a.margin), a.pool, a.agg,
+          static_cast<Acc*>(a.loss_rows), static_cast<Acc*>(a.weights));
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

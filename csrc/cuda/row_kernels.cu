@@ -77,17 +77,16 @@ const char* last_error() {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-int64_t rows_per_group(int64_t rows) {
-  return std::max(kRowsPerGroup, (rows + kMaxGridY - 1) / kMaxGridY);
-}
+int64_t rows_per_group(int64_t rows) { return std::max(kRowsPerGroup, (rows + kMaxGridY - 1) / kMaxGridY); }
 
 template <typename T>
 const char* launch_logprob(const LogprobRowsArgs& a) {
   using Acc = typename Io<T>::Acc;
   if (a.rows == 0) return nullptr;
-  logprob_rows_kernel<T><<<static_cast<unsigned>(a.rows), kRowThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(
-      static_cast<const T*>(a.logits), static_cast<T*>(a.probs), a.vocab, a.targets, static_cast<Acc*>(a.logp),
-      static_cast<Acc*>(a.lse));
+  logprob_rows_kernel<T>
+      <<<static_cast<unsigned>(a.rows), kRowThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(
+          static_cast<const T*>(a.logits), static_cast<T*>(a.probs), a.vocab, a.targets,
+          static_cast<Acc*>(a.logp), static_cast<Acc*>(a.lse));
   return last_error();
 }
 
@@ -98,13 +97,15 @@ const char* launch_logit_grad(const LogitGradRowsArgs& a) {
   const auto stream = static_cast<cudaStream_t>(a.stream);
   const int64_t per_group = rows_per_group(a.rows);
   const int64_t groups = (a.rows + per_group - 1) / per_group;
-  const dim3 grid(static_cast<unsigned>((a.vocab + kColThreads - 1) / kColThreads), static_cast<unsigned>(groups));
+  const dim3 grid(static_cast<unsigned>((a.vocab + kColThreads - 1) / kColThreads),
+                  static_cast<unsigned>(groups));
   Acc* scratch = a.d_bias != nullptr ? static_cast<Acc*>(a.scratch) : nullptr;
   logit_grad_kernel<T><<<grid, kColThreads, 0, stream>>>(
       static_cast<const T*>(a.in), static_cast<T*>(a.out), a.rows, a.vocab, per_group, a.targets,
       static_cast<const Acc*>(a.grad), static_cast<const Acc*>(a.lse), scratch);
   if (a.d_bias != nullptr)
-    bias_sum_kernel<Acc><<<grid.x, kColThreads, 0, stream>>>(scratch, groups, a.vocab, static_cast<Acc*>(a.d_bias));
+    bias_sum_kernel<Acc>
+        <<<grid.x, kColThreads, 0, stream>>>(scratch, groups, a.vocab, static_cast<Acc*>(a.d_bias));
   return last_error();
 }
 
