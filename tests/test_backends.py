@@ -348,6 +348,22 @@ def test_preference_loss_matches_reference(backend, method, sharing):
     check()
 
 
+def test_stage2_loss_value_is_exact_softplus(backend):
+    """``L = softplus(z)`` exactly in float64 on every backend, also above 20 where
+    ``torch.nn.functional.softplus`` returns ``z`` itself (an error of ``e^-z``, 2e-9 at z = 20)."""
+    from napo_kernels.ops.preference import preference_rows
+
+    z = torch.tensor([-30.0, 0.5, 19.0, 20.0, 20.5, 25.0, 33.0, 40.0], dtype=torch.float64)
+    ones = torch.ones(len(z), 1, dtype=torch.float64)
+    # one selected negative per row: z = coef * (rejected - chosen) + margin = 0 - (-z)
+    rows, _ = preference_rows(
+        -z, torch.zeros(1, dtype=torch.float64), ones.bool(), ones, 0 * ones, None, 0, backend
+    )
+    exact = z.clamp(min=0) + torch.log1p(torch.exp(-z.abs()))
+    torch.testing.assert_close(rows, exact, rtol=1e-15, atol=0)
+    assert (rows[4:7] > z[4:7]).all()  # where the thresholded softplus returned z itself
+
+
 def test_dynamicpo_ties_and_fallback(backend):
     """Scores on a grid (exact ties between negatives and with the positive), and positives above
     every negative so the 3-means fallback chooses the boundary set."""

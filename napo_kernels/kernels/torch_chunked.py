@@ -153,6 +153,7 @@ def preference_fwd(
         count = select.sum(-1).to(x.dtype)
         a = select.to(x.dtype) / count[:, None]
         z = (a * x).sum(-1)
-    rows = torch.nn.functional.softplus(z)
+    # log(1 + e^z) exactly (F.softplus returns z itself above its threshold of 20: off by e^-z)
+    rows = torch.logaddexp(z, torch.zeros_like(z))
     weights = torch.sigmoid(z)[:, None] * a * coef
     return rows, weights
