@@ -7,7 +7,8 @@ import napo_kernels as nk
 from napo_kernels.recommender.data import RecPreferenceDataset, generate_world, train_bpe_tokenizer
 from napo_kernels.recommender.packing import CandidateCollator, candidate_rows
 
-world = generate_world(num_train=64)  # synthetic users, items and 20-candidate lists
+torch.manual_seed(0)  # the model's initial weights and the loader's shuffling: the same run every time
+world = generate_world(num_train=64, seed=0)  # synthetic users, items and 20-candidate lists
 data = RecPreferenceDataset(world.train, num_negatives=3)  # positive + 3 sampled negatives
 tok = train_bpe_tokenizer([data[i]["prompt"] for i in range(len(data))] + world.items, vocab_size=512)
 config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2)

@@ -1,11 +1,17 @@
-"""Train an LLM recommender end to end: SFT, then preference training with a loss of the family,
+r"""Train an LLM recommender end to end: SFT, then preference training with a loss of the family,
 evaluated before and after. Nothing is downloaded: the model is a tiny Llama built from a config,
 the tokenizer a byte-level BPE trained on the data's own prompts and titles.
 
-    python examples/train_recommender.py                       # NAPO on the synthetic world
-    python examples/train_recommender.py --methods sft s_dpo napo --out runs/demo.json
-    python examples/train_recommender.py --data ../shared/data/lastfm-cans20 --domain artist \
+    .venv/bin/python examples/train_recommender.py               # NAPO on the synthetic world
+    .venv/bin/python examples/train_recommender.py --methods sft s_dpo napo --out runs/demo.json
+    .venv/bin/python examples/train_recommender.py --data path/to/lastfm-cans20 --domain artist \
         --sft-checkpoint runs/lastfm-sft --methods sft dpo s_dpo dmpo napo dynamicpo
+
+Checkpoints, and an interrupted run continued where it stopped (same options plus the flag):
+
+    .venv/bin/python examples/train_recommender.py --checkpoint-dir runs/ckpt --save-steps 50
+    .venv/bin/python examples/train_recommender.py --checkpoint-dir runs/ckpt --save-steps 50 \
+        --resume-from-checkpoint
 
 ``--data`` is a directory with ``train.json[.gz]`` and ``val.json`` in the S-DPO/NAPO format.
 The SFT stage trains the whole (randomly initialised) model; the preference stage trains LoRA
@@ -14,8 +20,8 @@ adapters (peft) on top of the SFT model, whose frozen copy (adapters disabled) i
 
 Data-parallel, same script (``--batch-size`` is per process; NAPO's pool spans all processes):
 
-    torchrun --standalone --nproc_per_node 2 examples/train_recommender.py --methods napo   # CPU, gloo
-    torchrun --standalone --nproc_per_node 4 examples/train_recommender.py ...              # 4 GPUs, NCCL
+    .venv/bin/torchrun --standalone --nproc_per_node 2 examples/train_recommender.py --methods napo  # CPU
+    .venv/bin/torchrun --standalone --nproc_per_node 4 examples/train_recommender.py ...    # 4 GPUs, NCCL
 
 Every process trains; rank 0 alone builds the tokenizer, evaluates, saves and prints.
 """
@@ -25,20 +31,27 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
+from napo_kernels import LossConfig
 from napo_kernels.recommender.data import (
     ItemPopularity,
+    RecExample,
     RecPreferenceDataset,
     RecPromptTemplate,
     generate_world,
@@ -59,52 +72,206 @@ TABLE = [
     ("rank/pop/top1_percentile", "PopPct"),
     ("rank/pop/long_tail_share", "Tail"),
 ]
+T = TypeVar("T")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--data", default=None, help="directory with train.json[.gz] and val.json (default: synthetic)"
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except None (the help says what it means) and a flag's False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help
+        if isinstance(action.default, list):
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
+def _number(kind: type, minimum: float, strict: bool = False):
+    """An argparse type: ``kind`` at least (or, ``strict``, more than) ``minimum``."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--domain", default="item", help="wording of the prompt: item, artist, movie, ...")
-    p.add_argument("--methods", nargs="+", default=["sft", "napo"], choices=METHODS)
-    p.add_argument("--num-negatives", type=int, default=None, help="K (default: 1 dpo, 5 dynamicpo, else 3)")
-    p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument(
-        "--reference", default="auto", choices=["auto", "none"], help="none: reference-free rewards"
+    positive, count = _number(int, 1), _number(int, 0)
+    rate = _number(float, 0.0, strict=True)
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        default=None,
+        help="directory with train.json[.gz] and val.json (default: the synthetic world)",
     )
-    p.add_argument("--max-train", type=int, default=None)
-    p.add_argument("--max-eval", type=int, default=200)
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--sft-epochs", type=float, default=3.0)
-    p.add_argument("--sft-lr", type=float, default=2e-3)
-    p.add_argument(
-        "--sft-checkpoint", default=None, help="load the SFT model from here if present, else save it"
+    data.add_argument("--domain", default="item", help="wording of the prompt: item, artist, movie, ...")
+    data.add_argument(
+        "--max-train", type=positive, default=None, help="train on at most this many examples (default: all)"
     )
-    p.add_argument("--pref-steps", type=int, default=150)
-    p.add_argument("--pref-lr", type=float, default=1e-3)
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per step and process")
-    p.add_argument(
+    data.add_argument("--max-eval", type=positive, default=200, help="evaluate on at most this many examples")
+    model = p.add_argument_group("model (a tiny Llama built from a config)")
+    model.add_argument("--vocab-size", type=_number(int, 300), default=1024, help="BPE vocabulary size")
+    model.add_argument("--hidden", type=positive, default=128, help="hidden size (one attention head per 32)")
+    model.add_argument("--layers", type=positive, default=4, help="decoder layers")
+    sft = p.add_argument_group("SFT stage (the whole model)")
+    sft.add_argument("--sft-epochs", type=rate, default=3.0, help="epochs over the training examples")
+    sft.add_argument("--sft-lr", type=rate, default=2e-3, help="learning rate (cosine schedule)")
+    sft.add_argument(
+        "--sft-checkpoint",
+        default=None,
+        help="load the SFT model from this directory if it holds one, else save it there "
+        "(default: CHECKPOINT_DIR/sft-model with --checkpoint-dir, else not saved)",
+    )
+    pref = p.add_argument_group("preference stage (LoRA adapters on the SFT model, which is the reference)")
+    pref.add_argument(
+        "--methods",
+        nargs="+",
+        default=["sft", "napo"],
+        choices=METHODS,
+        help="what to train and evaluate, in order (sft: the SFT model alone)",
+    )
+    pref.add_argument(
+        "--num-negatives",
+        type=positive,
+        default=None,
+        help="negatives per prompt K (default: 1 for dpo, 5 for dynamicpo, 3 for the others)",
+    )
+    pref.add_argument("--beta", type=float, default=1.0, help="the loss's temperature beta (> 0)")
+    pref.add_argument(
+        "--reference",
+        default="auto",
+        choices=["auto", "none"],
+        help="auto: the SFT model (adapters disabled); none: reference-free rewards",
+    )
+    pref.add_argument("--pref-steps", type=positive, default=150, help="optimizer steps per method")
+    pref.add_argument("--pref-lr", type=rate, default=1e-3, help="learning rate (cosine schedule)")
+    pref.add_argument("--lora-r", type=positive, default=16, help="LoRA rank (alpha = 2 r)")
+    pref.add_argument(
         "--local-pool",
         action="store_true",
-        help="under torchrun: NAPO's pool from the process's own batch only (default: the global batch)",
+        help="under torchrun: NAPO's pool from the process's own batch only (otherwise the global batch)",
     )
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--no-generation", action="store_true", help="skip the (slower) generation protocol")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/train_recommender.json")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--logging-steps", type=int, default=25)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (0: torch's default); tiny models gain little from more",
+    run = p.add_argument_group("run")
+    run.add_argument("--batch-size", type=positive, default=16, help="prompts per step and process")
+    run.add_argument("--eval-batch-size", type=positive, default=16, help="prompts per evaluation batch")
+    run.add_argument("--no-generation", action="store_true", help="skip the (slower) generation protocol")
+    run.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the training")
+    run.add_argument("--out", default="runs/train_recommender.json", help="the results as JSON")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--logging-steps", type=positive, default=25, help="log the training metrics every N steps"
     )
-    return p.parse_args(argv)
+    run.add_argument(
+        "--threads", type=count, default=1, help="torch threads (0: torch's default); tiny models gain little"
+    )
+    ckpt = p.add_argument_group("checkpoints (without --checkpoint-dir nothing is written but --out)")
+    ckpt.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="write Trainer checkpoints (model or LoRA adapters, optimizer, scheduler, RNG, NAPO's margin "
+        "EMA) to CHECKPOINT_DIR/sft and CHECKPOINT_DIR/<method>, the SFT model to CHECKPOINT_DIR/sft-model "
+        "(default: none, no checkpoints)",
+    )
+    ckpt.add_argument(
+        "--save-steps", type=positive, default=50, help="a checkpoint every N steps, and at the end"
+    )
+    ckpt.add_argument(
+        "--save-total-limit",
+        type=positive,
+        default=None,
+        help="keep the newest N checkpoints of each stage (default: all)",
+    )
+    ckpt.add_argument(
+        "--resume-from-checkpoint",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue an interrupted run with the same options: alone, from the newest checkpoints under "
+        "--checkpoint-dir (the saved SFT model or its stage's checkpoint, then each method's; a stage "
+        "without one starts afresh); with a path, the one preference method from that checkpoint "
+        "(default: start afresh)",
+    )
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no data or model, so that a mistake stops the run before the SFT stage."""
+    heads, kv_heads = max(1, args.hidden // 32), max(1, args.hidden // 64)
+    if args.hidden % heads or heads % kv_heads:
+        raise ValueError(
+            f"--hidden {args.hidden}: {heads} attention heads cannot split it or share {kv_heads} "
+            "key-value heads; use 32 or a multiple of 64"
+        )
+    if args.data is not None:
+        d = Path(args.data)
+        has_train = (d / "train.json").exists() or (d / "train.json.gz").exists()
+        if not has_train or not (d / "val.json").exists():
+            raise ValueError(f"--data {args.data}: expected train.json (or train.json.gz) and val.json there")
+    methods = [m for m in args.methods if m != "sft"]
+    for method in methods:
+        try:
+            config = LossConfig(method=method, beta=args.beta)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--beta {args.beta} with --methods {method}: {exc}") from None
+        k = negatives(method, args)
+        if config.spec.single_negative and k != 1:
+            raise ValueError(
+                f"--num-negatives {k}: {method} compares each positive with exactly one negative; "
+                "run it alone (its default K is 1), or use s_dpo / napo for several negatives"
+            )
+    resume = args.resume_from_checkpoint
+    if args.save_total_limit is not None and args.checkpoint_dir is None:
+        raise ValueError("--save-total-limit needs --checkpoint-dir")
+    if resume == "latest" and args.checkpoint_dir is None:
+        raise ValueError("--resume-from-checkpoint without a path resumes from --checkpoint-dir: give it")
+    if resume not in (None, "latest"):
+        if len(methods) != 1:
+            raise ValueError(
+                f"--resume-from-checkpoint {resume}: a checkpoint belongs to one preference method, "
+                f"but --methods has {len(methods)}"
+            )
+        if not (Path(resume) / "trainer_state.json").is_file():
+            raise ValueError(f"--resume-from-checkpoint {resume}: not a checkpoint (no trainer_state.json)")
+        if sft_checkpoint(args) is None or not (sft_checkpoint(args) / "config.json").is_file():
+            raise ValueError(
+                f"--resume-from-checkpoint {resume}: the SFT model it was trained on is needed; give "
+                "--sft-checkpoint (or --checkpoint-dir) where it was saved"
+            )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def negatives(method: str, args: argparse.Namespace) -> int:
+    """K for ``method``: --num-negatives, else the method's own default."""
+    return args.num_negatives if args.num_negatives is not None else DEFAULT_K.get(method, 3)
+
+
+def sft_checkpoint(args: argparse.Namespace) -> Path | None:
+    """Where the SFT model is loaded from, or saved to."""
+    if args.sft_checkpoint is not None:
+        return Path(args.sft_checkpoint)
+    return Path(args.checkpoint_dir) / "sft-model" if args.checkpoint_dir is not None else None
 
 
 def init_distributed() -> bool:
@@ -118,7 +285,7 @@ def init_distributed() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def on_rank0(fn, *args):
+def on_rank0(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` on rank 0, broadcast to the other ranks (which wait for it)."""
     if not dist.is_initialized():
         return fn(*args)
@@ -132,7 +299,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def load_data(args):
+def load_data(args: argparse.Namespace) -> tuple[list[RecExample], list[RecExample]]:
     if args.data is None:
         world = generate_world(seed=args.seed)
         train, val = world.train, world.val
@@ -148,7 +315,7 @@ def load_data(args):
     return train, val
 
 
-def build_model(tokenizer, args) -> LlamaForCausalLM:
+def build_model(tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -> LlamaForCausalLM:
     torch.manual_seed(args.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -165,12 +332,32 @@ def build_model(tokenizer, args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def training_args(out_dir: str, args, **kw) -> TrainingArguments:
+def stage_dir(args: argparse.Namespace, stage: str) -> str:
+    """The Trainer's output directory of a stage: under --checkpoint-dir, else a temporary one
+    (the Trainer creates its output directory even when it saves nothing)."""
+    return str(Path(args.checkpoint_dir) / stage) if args.checkpoint_dir is not None else args.scratch
+
+
+def resume_point(args: argparse.Namespace, stage: str) -> str | None:
+    """The checkpoint a stage resumes from (None: it starts afresh)."""
+    resume = args.resume_from_checkpoint
+    if resume is None or stage == "sft" and resume != "latest":
+        return None
+    if resume != "latest":
+        return resume
+    directory = Path(stage_dir(args, stage))
+    return get_last_checkpoint(str(directory)) if directory.is_dir() else None
+
+
+def training_args(out_dir: str, args: argparse.Namespace, **kw: Any) -> TrainingArguments:
+    saves = args.checkpoint_dir is not None
     return TrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=args.batch_size,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if saves else "no",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=args.quiet,
         logging_steps=args.logging_steps,
@@ -183,7 +370,15 @@ def training_args(out_dir: str, args, **kw) -> TrainingArguments:
     )
 
 
-def evaluate(model, tok, val, template, popularity, args, label: str) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerFast,
+    val: list[RecExample],
+    template: RecPromptTemplate,
+    popularity: ItemPopularity,
+    args: argparse.Namespace,
+    label: str,
+) -> dict[str, Any]:
     t0 = time.time()
     res = evaluate_recommender(
         model,
@@ -202,37 +397,56 @@ def evaluate(model, tok, val, template, popularity, args, label: str) -> dict:
     return res
 
 
-def sft_stage(train, template, args):
-    ckpt = Path(args.sft_checkpoint) if args.sft_checkpoint else None
+def sft_stage(
+    train: list[RecExample], template: RecPromptTemplate, args: argparse.Namespace
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, LlamaForCausalLM | None, float, str | None]:
+    """The SFT model, its tokenizer, the untrained model (rank 0, when trained here), the SFT
+    seconds and the checkpoint the stage resumed from."""
+    ckpt = sft_checkpoint(args)
     if ckpt is not None and (ckpt / "config.json").exists():
         if args.main:
             print(f"loading the SFT checkpoint {ckpt}")
         tok = PreTrainedTokenizerFast.from_pretrained(ckpt)
-        return LlamaForCausalLM.from_pretrained(ckpt), tok, None, 0.0
-    texts = [template.prompt(e.history, e.candidates) for e in train[:5000]]
-    titles = sorted({t for e in train for t in (*e.history, *e.candidates)})
-    # one tokenizer for every rank (the model's vocabulary and every rank's token ids must agree)
-    tok = on_rank0(train_bpe_tokenizer, texts + [template.answer(t) for t in titles], args.vocab_size)
+        return LlamaForCausalLM.from_pretrained(ckpt), tok, None, 0.0, None
+    resume = resume_point(args, "sft")
+    if resume is not None:  # the Trainer saved the tokenizer with the model: the same token ids
+        tok = PreTrainedTokenizerFast.from_pretrained(resume)
+    else:
+        texts = [template.prompt(e.history, e.candidates) for e in train[:5000]]
+        titles = sorted({t for e in train for t in (*e.history, *e.candidates)})
+        # one tokenizer for every rank (the model's vocabulary and every rank's token ids must agree)
+        tok = on_rank0(train_bpe_tokenizer, texts + [template.answer(t) for t in titles], args.vocab_size)
     model = build_model(tok, args)
-    untrained = None
-    if "untrained" not in args.skip and args.main:
-        untrained = copy.deepcopy(model)
+    untrained = copy.deepcopy(model) if args.main else None
     t0 = time.time()
     trainer = RecommenderSFTTrainer(
         model,
-        training_args("runs/sft", args, num_train_epochs=args.sft_epochs, learning_rate=args.sft_lr),
+        training_args(
+            stage_dir(args, "sft"), args, num_train_epochs=args.sft_epochs, learning_rate=args.sft_lr
+        ),
         train_dataset=RecPreferenceDataset(train, template, num_negatives=0, seed=args.seed),
         processing_class=tok,
     )
-    trainer.train()
+    if resume is not None and args.main:
+        print(f"SFT resumes from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - t0
     if ckpt is not None and args.main:
         model.save_pretrained(ckpt)
         tok.save_pretrained(ckpt)
-    return model, tok, untrained, seconds
+    return model, tok, untrained, seconds, resume
 
 
-def preference_stage(sft_model, tok, train, template, method: str, args):
+def preference_stage(
+    sft_model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    train: list[RecExample],
+    template: RecPromptTemplate,
+    method: str,
+    args: argparse.Namespace,
+) -> tuple[torch.nn.Module, float, int, dict[str, float], str | None]:
+    """The trained model, the training seconds, K, the last training log and the checkpoint the
+    stage resumed from."""
     model = get_peft_model(
         copy.deepcopy(sft_model),
         LoraConfig(
@@ -242,10 +456,10 @@ def preference_stage(sft_model, tok, train, template, method: str, args):
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         ),
     )
-    k = args.num_negatives or DEFAULT_K.get(method, 3)
+    k = negatives(method, args)
     trainer = PreferenceTrainer(
         model,
-        training_args(f"runs/{method}", args, max_steps=args.pref_steps, learning_rate=args.pref_lr),
+        training_args(stage_dir(args, method), args, max_steps=args.pref_steps, learning_rate=args.pref_lr),
         method=method,
         beta=args.beta,
         reference=args.reference,
@@ -253,15 +467,24 @@ def preference_stage(sft_model, tok, train, template, method: str, args):
         train_dataset=RecPreferenceDataset(train, template, num_negatives=k, seed=args.seed),
         processing_class=tok,
     )
+    resume = resume_point(args, method)
+    if resume is not None and args.main:
+        print(f"{method} resumes from {resume}")
     t0 = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    return model, time.time() - t0, k, logs[-1] if logs else {}
+    return model, time.time() - t0, k, logs[-1] if logs else {}, resume
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    args.skip = set()
+    # the Trainers' output directories when nothing is saved (removed at the end)
+    with tempfile.TemporaryDirectory(prefix="train_recommender-") as scratch:
+        args.scratch = scratch
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     args.main = init_distributed()
     if not args.main:
         args.quiet = True  # one progress bar, from rank 0
@@ -277,25 +500,25 @@ def main(argv=None) -> dict:
         sizes = f"{len(train)} train / {len(val)} eval examples, {len(popularity)} items"
         print(f"data: {sizes}; {world} process(es)")
 
-    skip = {"skip", "main"}
-    results: dict = {"args": {k: v for k, v in vars(args).items() if k not in skip}, "runs": {}}
+    internal = {"main", "scratch"}
+    results: dict = {"args": {k: v for k, v in vars(args).items() if k not in internal}, "runs": {}}
     results["args"]["world_size"] = world
-    sft_model, tok, untrained, sft_seconds = sft_stage(train, template, args)
+    sft_model, tok, untrained, sft_seconds, sft_resumed = sft_stage(train, template, args)
     if untrained is not None:
         results["runs"]["untrained"] = evaluate(untrained, tok, val, template, popularity, args, "untrained")
         del untrained
     if "sft" in args.methods and args.main:
         results["runs"]["sft"] = evaluate(sft_model, tok, val, template, popularity, args, "sft")
-        results["runs"]["sft"]["train_seconds"] = sft_seconds
+        results["runs"]["sft"] |= {"train_seconds": sft_seconds, "resumed_from": sft_resumed}
     for method in args.methods:
         if method == "sft":
             continue
         barrier()  # the other ranks wait for rank 0's evaluation before the next collectives
-        model, seconds, k, last = preference_stage(sft_model, tok, train, template, method, args)
+        model, seconds, k, last, resumed = preference_stage(sft_model, tok, train, template, method, args)
         if args.main:
             res = evaluate(model, tok, val, template, popularity, args, method)
             res |= {"train_seconds": seconds, "steps": args.pref_steps, "K": k, "last_log": last}
-            results["runs"][method] = res
+            results["runs"][method] = res | {"resumed_from": resumed}
         del model
     if dist.is_initialized():
         dist.barrier()
