@@ -31,10 +31,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..heads import lm_head_of
 from .data.popularity import ItemPopularity
 from .data.records import PairExample, RecExample
 from .data.templates import AlpacaTemplate, RecPromptTemplate
-from .packing import CandidateCollator, candidate_logps, causal_lm_parts, resolve_layout
+from .packing import CandidateCollator, candidate_logps, resolve_layout
 
 
 class _EvalMode:
@@ -54,7 +55,7 @@ class _EvalMode:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return causal_lm_parts(model)[1].weight.device
+    return lm_head_of(model).weight.device
 
 
 def score_features(

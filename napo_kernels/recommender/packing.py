@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..heads import lm_head_of
 from ..logprobs import sequence_logprobs
 
 LAYOUTS = ("packed", "separate")
@@ -253,19 +254,11 @@ class CandidateCollator:
 
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """``(body, lm_head)`` of a Hugging Face causal LM, also through a ``peft`` wrapper.
-
-    The body returns last hidden states (after the final norm); the head is only read for its
-    weight: the fused loss never materialises full logits.
-    """
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
-    body = getattr(m, "base_model", None)
-    if head is None or body is None or body is m:
-        raise TypeError(
-            f"model: expected a Hugging Face *ForCausalLM or a peft model of one, got {type(model).__name__}"
-        )
-    return body, head
+    """``(body, head module)`` of a supported Hugging Face causal LM (see
+    :func:`napo_kernels.heads.lm_head_of`, which also reads the head's bias, soft-cap and scale:
+    use it, not this pair, to score with the head)."""
+    head = lm_head_of(model)
+    return head.body, head.module
 
 
 def _additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -283,7 +276,7 @@ def candidate_rows(model: nn.Module, batch: dict[str, Tensor], *, through: nn.Mo
     through it. The whole causal LM then runs with ``logits_to_keep=1`` (the head on one position
     per row) and the body's output is captured by a forward hook.
     """
-    body, _ = causal_lm_parts(model)
+    body = lm_head_of(model).body
     mask = batch["attention_mask"]
     if mask.dim() == 4:
         mask = _additive_mask(mask, body.get_input_embeddings().weight.dtype)
@@ -311,13 +304,15 @@ def candidate_logps(
     through: nn.Module | None = None,
     **kwargs,
 ) -> Tensor:
-    """``[B, C]`` candidate scores ``s(y|x)`` (0 where a candidate is absent) via the fused op
-    (``through``: see :func:`candidate_rows`)."""
-    _, head = causal_lm_parts(model)
+    """``[B, C]`` candidate scores ``s(y|x)`` (0 where a candidate is absent) via the fused op, with
+    the model's own head (bias, soft-cap, logit scale: :func:`napo_kernels.heads.lm_head_of`);
+    ``through``: see :func:`candidate_rows`; other keyword arguments go to
+    :func:`~napo_kernels.sequence_logprobs`."""
+    head = lm_head_of(model)
     rows = candidate_rows(model, batch, through=through)
     b, c = batch["candidate_mask"].shape
     return sequence_logprobs(
-        rows, head.weight, batch["score_labels"], getattr(head, "bias", None),
+        rows, head.weight, batch["score_labels"], **head.loss_kwargs(),
         sequence_ids=batch["score_sequence"], num_sequences=b * c, sequence_mask=batch["candidate_mask"],
         reduction=reduction, **kwargs,
     ).reshape(b, c)  # fmt: skip
@@ -329,7 +324,7 @@ def packing_supported(model: nn.Module, atol: float = 1e-4) -> bool:
     cached = getattr(model, "_napo_packing_supported", None)
     if cached is not None:
         return cached
-    _, head = causal_lm_parts(model)
+    head = lm_head_of(model)  # outside the probe: a head it does not understand is an error, not a fallback
     vocab = head.weight.shape[0]
     g = torch.Generator().manual_seed(0)
     prompts = [

@@ -1,6 +1,7 @@
 """Hugging Face ``transformers.Trainer`` integration: an SFT stage and a preference stage that
 run one packed forward per prompt (:mod:`napo_kernels.recommender.packing`), take the model body's last hidden
-states and the ``lm_head`` weight (full logits are never computed), and call the fused loss.
+states and the model's own output head (:func:`napo_kernels.heads.lm_head_of`: weight, bias,
+soft-cap, logit scale; full logits are never computed), and call the fused loss.
 
 * :class:`RecommenderSFTTrainer`: token-mean negative log-likelihood of the positive answer
   (prompt tokens are not scored), through the same fused log-prob op.
@@ -34,8 +35,9 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..distributed import data_parallel_group
+from ..heads import lm_head_of
 from ..losses import PreferenceLoss
-from .packing import CandidateCollator, candidate_logps, candidate_rows, causal_lm_parts, resolve_layout
+from .packing import CandidateCollator, candidate_logps, candidate_rows, resolve_layout
 
 LOSS_STATE_NAME = "napo_loss_state.pt"
 REFERENCES = ("auto", "adapters", "model", "none")
@@ -267,12 +269,14 @@ class PreferenceTrainer(_CandidateTrainer):
         ref = self.reference_logps(core, inputs, through=model)
         users = self.user_embeddings(core, inputs)
         rows = candidate_rows(core, inputs, through=model)
-        _, head = causal_lm_parts(core)
+        head = lm_head_of(core)  # weight, bias, soft-cap and logit scale of the model's own head
         out = self.criterion(
             rows,
             head.weight,
             inputs["score_labels"],
-            bias=getattr(head, "bias", None),
+            bias=head.bias,
+            softcap=head.softcap,
+            logit_scale=head.logit_scale,
             sequence_ids=inputs["score_sequence"],
             num_prompts=b,
             num_candidates=c,
