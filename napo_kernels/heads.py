@@ -14,8 +14,9 @@ them from the model and refuses, with an :class:`UnsupportedHeadError` naming th
 not understood, any model whose logits it cannot vouch for:
 
 * a class outside :data:`SUPPORTED_HEADS` (none of its bases is listed);
-* a subclass that overrides ``forward`` (it may post-process the logits), or a ``forward`` replaced
-  on the instance (other than accelerate's mixed-precision / device hooks around the original);
+* a subclass that overrides ``forward`` (it may post-process the logits), a ``forward`` replaced
+  on the instance (other than accelerate's mixed-precision / device hooks around the original), or
+  forward hooks on the model;
 * a head that is not a plain ``torch.nn.Linear`` (a LoRA layer on ``lm_head``, a quantised or
   custom layer), has forward hooks, or whose weight is offloaded (``meta``);
 * a peft prompt-learning model (prefix / prompt tuning changes the body's inputs);
@@ -378,6 +379,15 @@ def lm_head_of(model: nn.Module, *, trust_forward: bool = False) -> LMHead:
             f"fused loss computes {known_cls.__name__}'s head: {known.how}). If the logits are still "
             "exactly that, pass trust_forward=True or call napo_kernels.heads.trust_lm_head(model, "
             "softcap=..., logit_scale=...)"
+        )
+    if (
+        known is not None
+        and not (trust_forward or trusted)
+        and (inner._forward_hooks or inner._forward_pre_hooks)
+    ):
+        raise UnsupportedHeadError(
+            f"{where} has forward hooks ({len(inner._forward_pre_hooks)} pre, {len(inner._forward_hooks)} "
+            "post) that may change its inputs or logits; pass trust_forward=True if they do not"
         )
 
     if known is not None:
