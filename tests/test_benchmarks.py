@@ -144,6 +144,7 @@ def test_quick_shapes_are_small() -> None:
         assert shape.all_rows * shape.vocab < 100_000
 
 
+@pytest.mark.slow  # the whole CLI on the quick suite (about a minute)
 def test_cli_quick_end_to_end(tmp_path: Path) -> None:
     """``python -m benchmarks --quick`` on tiny shapes, with the triton backend under the interpreter."""
     cmd = [sys.executable, "-m", "benchmarks", "--quick", "--case", "rec,scaling", "--sweeps", "pool",

@@ -372,6 +372,7 @@ def _single(case: dict) -> list[dict]:
     return out_steps
 
 
+@pytest.mark.slow  # the `world` fixture spawns 2 and 3 processes
 def test_loss_and_gradients_match_one_process(world):
     size, spec, results = world
     for c, case in enumerate(spec["cases"]):
@@ -392,6 +393,7 @@ def test_loss_and_gradients_match_one_process(world):
                     torch.testing.assert_close(r["ema"], single["ema"], **TOL, msg=f"{where}: margin EMA")
 
 
+@pytest.mark.slow  # the `world` fixture spawns 2 and 3 processes
 def test_shared_negatives_receive_gradient_from_other_ranks(world):
     """Guard against a no_grad gather (NAPO's released code): with sharing='all' every valid negative
     gets a nonzero gradient, including from rows on other ranks."""
@@ -403,6 +405,7 @@ def test_shared_negatives_receive_gradient_from_other_ranks(world):
     assert bool((grads[~mask] == 0).all())
 
 
+@pytest.mark.slow  # the `world` fixture spawns 2 and 3 processes
 def test_all_gather_rows_uneven(world):
     size, spec, results = world
     sizes = spec["cases"][0]["sizes"]
@@ -417,6 +420,7 @@ def test_all_gather_rows_uneven(world):
         lo += sizes[r]
 
 
+@pytest.mark.slow  # the `world` fixture spawns 2 and 3 processes
 def test_ddp_parameter_gradients_match_one_process(world):
     size, spec, results = world
     torch.manual_seed(0)
@@ -434,6 +438,7 @@ def test_ddp_parameter_gradients_match_one_process(world):
         torch.testing.assert_close(res["ddp_ema"], margin.ema, **TOL)
 
 
+@pytest.mark.slow  # the `world` fixture spawns 2 and 3 processes
 def test_mismatches_raise_on_every_rank(world):
     size, spec, results = world
     for case in range(len(results[0]["errors"])):

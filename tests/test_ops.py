@@ -102,6 +102,7 @@ COMPILE_CASES = [
 ]
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize(("compiler", "kernel_backend"), COMPILE_CASES)
 def test_compiled_training_step_matches_eager(compiler, kernel_backend):
     """Three NAPO steps through ``PreferenceLoss`` (margin EMA state included) under torch.compile."""

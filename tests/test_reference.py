@@ -45,6 +45,7 @@ def beta_n_by_hand(beta: float, tau: float, pos: float, neg: float, rest_mean: f
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # every method against DPO on every backend
 def test_k1_every_method_is_dpo(backend):
     """With one own negative: ``-log sigma(beta (r+ - r-) - gamma)`` for DPO, S-DPO, DMPO and NAPO
     (constant margin gamma_0 = gamma); DynamicPO is the same with its own ``beta_n``."""

@@ -149,6 +149,7 @@ def test_user_embeddings_are_mean_item_embeddings(tmp_path):
     assert other.user_embeddings(model, batch) is None  # only NAPO shares by similarity
 
 
+@pytest.mark.slow  # trains through the whole Trainer loop
 def test_lora_training_logs_metrics_and_moves_only_adapters(tmp_path):
     model = lora(tiny_llama(), random_b=False)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

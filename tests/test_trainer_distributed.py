@@ -45,6 +45,8 @@ from napo_kernels.recommender.data import RecPreferenceDataset, generate_world, 
 from napo_kernels.recommender.packing import LAYOUTS, candidate_rows, layout_candidates
 from napo_kernels.recommender.trainer import PreferenceTrainer, RecommenderSFTTrainer
 
+# the `runs` fixture trains in 2 spawned gloo ranks (about 40 s on 2 cores)
+SPAWNS = pytest.mark.slow
 WORLD_SIZE = 2
 GLOBAL_BATCH = 6
 STEPS = 2
@@ -180,6 +182,7 @@ def _same(a: dict, b: dict, **tol) -> None:
         torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@SPAWNS
 def test_ddp_is_used_and_sharing_is_automatic(runs):
     ranks, single = runs
     for res in ranks:
@@ -188,6 +191,7 @@ def test_ddp_is_used_and_sharing_is_automatic(runs):
     assert not single["napo"]["shares"]  # single process: no group
 
 
+@SPAWNS
 def test_preference_steps_match_one_process_over_the_global_batch(runs):
     ranks, single = runs
     want = single["napo"]
@@ -209,6 +213,7 @@ def test_preference_steps_match_one_process_over_the_global_batch(runs):
     assert any(float(g.abs().max()) > 1e-4 for g in want["grads"][0].values())
 
 
+@SPAWNS
 def test_gradient_accumulation_matches_one_process(runs):
     ranks, single = runs
     want = single["napo_accum"]
@@ -220,6 +225,7 @@ def test_gradient_accumulation_matches_one_process(runs):
         assert got["ema"] == pytest.approx(want["ema"], rel=1e-9)
 
 
+@SPAWNS
 def test_local_pools_are_smaller_but_ranks_still_agree(runs):
     ranks, single = runs
     _same(ranks[0]["napo_local"]["weights"], ranks[1]["napo_local"]["weights"], atol=0, rtol=0)
@@ -232,6 +238,7 @@ def test_local_pools_are_smaller_but_ranks_still_agree(runs):
     assert diff > 1e-6  # a per-rank pool is a different loss
 
 
+@SPAWNS
 def test_sft_gradients_match_one_process(runs):
     ranks, single = runs
     for res in ranks:

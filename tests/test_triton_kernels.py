@@ -113,6 +113,7 @@ def linear_truth(hidden, weight, bias, targets, grad):
     return logp.detach(), lse, expected, d[0], d[1], d_bias
 
 
+@pytest.mark.slow  # many interpreted kernel launches
 @FAST
 @given(problem=linear_problems())
 def test_linear_kernels_match_reference(problem):
@@ -441,6 +442,7 @@ assert len(results) == 6 and all(r.fits for r in results)
 """
 
 
+@pytest.mark.slow  # compiles every kernel
 def test_kernels_compile_for_sm90():
     """Every kernel (first autotune config, bfloat16) goes through Triton's real compiler and
     ptxas for sm_90, with shared memory under the H100 limit. Runs in a subprocess without
