@@ -86,7 +86,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def _number(kind: type, minimum: float, strict: bool = False):
+def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str], int | float]:
     """An argparse type: ``kind`` at least (or, ``strict``, more than) ``minimum``."""
 
     def parse(text: str) -> int | float:
