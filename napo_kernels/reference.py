@@ -43,12 +43,20 @@ def sequence_scores(
     bias: Tensor | None = None,
     reduction: str = "sum",
     ignore_index: int = IGNORE_INDEX,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
-    """Scores from the last hidden states ``[..., T, H]`` and the output projection ``[V, H]``."""
+    """Scores from the last hidden states ``[..., T, H]`` and the output projection ``[V, H]``.
+
+    The head's logits are ``logit_scale * (h W^T + b)``, then with a ``softcap``
+    ``softcap * tanh(logits / softcap)`` (Gemma 2's final soft cap)."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = hidden.to(acc) @ weight.to(acc).T
     if bias is not None:
         logits = logits + bias.to(acc)
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return sequence_scores_from_logits(logits, labels, reduction, ignore_index)
 
 
