@@ -3,11 +3,14 @@
 Every backend implements these five functions with the same contract (see ``napo_kernels.dispatch``):
 
 - ``linear_logprobs_fwd(hidden [R,H], weight [V,H], bias [V]|None, targets [R], chunk_size,
-  compute_expected) -> (logp [R], lse [R], expected [R,H] or [0])`` in the accumulation dtype
-  (float64 for float64 inputs, float32 otherwise); ``expected = softmax(logits) @ W`` is what the
-  frozen-``lm_head`` backward needs.
+  compute_expected, softcap=None, logit_scale=1.0) -> (logp [R], lse [R], expected [R,H] or [0])``
+  in the accumulation dtype (float64 for float64 inputs, float32 otherwise). The head's logits are
+  ``z = logit_scale * (h W^T + b)``, then with a ``softcap`` ``z = softcap * tanh(z / softcap)``;
+  ``expected = sum_v softmax(z)_v (dz_v / draw_v) W_v`` (``softmax(z) @ W`` for a plain head) is what
+  the frozen-``lm_head`` backward needs: ``d logp / d h = (dz_y / draw_y) W_y - expected``.
 - ``linear_logprobs_bwd(grad [R], hidden, weight, bias, targets, lse, chunk_size, need_hidden,
-  need_weight, need_bias) -> (d_hidden, d_weight, d_bias)`` (empty tensors where not needed).
+  need_weight, need_bias, softcap=None, logit_scale=1.0) -> (d_hidden, d_weight, d_bias)`` (empty
+  tensors where not needed).
 - ``logits_logprobs_fwd(logits [R,V], targets, chunk_size) -> (logp, lse)`` and
   ``logits_logprobs_bwd(grad, logits, targets, lse, chunk_size) -> d_logits``.
 - ``preference_fwd(chosen [B], rejected [M], select [B,M], coef [B,M], margin [B,M], agg)
@@ -33,10 +36,25 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype) -> Tensor:
+def _logits(
+    h: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype, softcap: float | None, scale: float
+) -> tuple[Tensor, Tensor | float]:
+    """The head's logits ``z`` in ``acc`` and ``dz/draw`` (a float when it is constant; with a
+    soft cap a second ``[chunk, V]`` block)."""
     # One GEMM in the input dtype (fast path for bf16/fp16 on GPU), accumulated by the BLAS.
     out = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-    return out.to(acc)
+    z = out.to(acc)  # a fresh tensor (the GEMM's own for fp32/fp64): changed in place below
+    if softcap is None:
+        return (z.mul_(scale) if scale != 1.0 else z), scale
+    u = z.mul_(scale / softcap)
+    # dz/draw = scale (1 - tanh^2) = scale / cosh^2: keeps its precision where tanh saturates
+    slope = torch.cosh(u).square_().reciprocal_().mul_(scale)
+    return u.tanh_().mul_(softcap), slope
+
+
+def _times(x: Tensor, slope: Tensor | float) -> Tensor:
+    """``x * dz/draw`` in place (nothing to do for a plain head)."""
+    return x if isinstance(slope, float) and slope == 1.0 else x.mul_(slope)
 
 
 def linear_logprobs_fwd(
@@ -46,6 +64,8 @@ def linear_logprobs_fwd(
     targets: Tensor,
     chunk_size: int,
     compute_expected: bool,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     acc = acc_dtype(hidden.dtype)
     rows, h = hidden.shape
@@ -54,13 +74,13 @@ def linear_logprobs_fwd(
     expected = hidden.new_empty((rows, h) if compute_expected else (0,), dtype=acc)
     for lo in range(0, rows, chunk_size):
         hi = min(lo + chunk_size, rows)
-        logits = _logits(hidden[lo:hi], weight, bias, acc)
+        logits, slope = _logits(hidden[lo:hi], weight, bias, acc, softcap, logit_scale)
         chunk_lse = torch.logsumexp(logits, dim=-1)
         lse[lo:hi] = chunk_lse
         logp[lo:hi] = logits.gather(1, targets[lo:hi, None]).squeeze(1) - chunk_lse
         if compute_expected:
             probs = logits.sub_(chunk_lse[:, None]).exp_()  # in place: one [chunk, V] block alive
-            expected[lo:hi] = probs.to(weight.dtype) @ weight
+            expected[lo:hi] = _times(probs, slope).to(weight.dtype) @ weight
     return logp, lse, expected
 
 
@@ -75,6 +95,8 @@ def linear_logprobs_bwd(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     acc = acc_dtype(hidden.dtype)
     rows = hidden.shape[0]
@@ -86,10 +108,10 @@ def linear_logprobs_bwd(
     )
     for lo in range(0, rows, chunk_size):
         hi = min(lo + chunk_size, rows)
-        logits = _logits(hidden[lo:hi], weight, bias, acc)
-        # d s / d logits = onehot - softmax, scaled by the upstream gradient of each row
+        logits, slope = _logits(hidden[lo:hi], weight, bias, acc, softcap, logit_scale)
+        # d s / d raw logits = (onehot - softmax) dz/draw, scaled by the upstream gradient of each row
         g = logits.sub_(lse[lo:hi, None]).exp_().mul_(-grad[lo:hi, None])
-        g.scatter_add_(1, targets[lo:hi, None], grad[lo:hi, None].to(acc))
+        g = _times(g.scatter_add_(1, targets[lo:hi, None], grad[lo:hi, None].to(acc)), slope)
         g_in = g.to(weight.dtype)
         if need_hidden:
             d_hidden[lo:hi] = (g_in @ weight).to(hidden.dtype)
