@@ -4,8 +4,11 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <vector>
+
+#include "napo_math.h"
 
 namespace napo {
 
@@ -59,6 +62,15 @@ inline void check_linear(const char* op, const at::Tensor& hidden, const at::Ten
   }
   check_targets(op, targets, hidden, hidden.size(0));
   TORCH_CHECK_VALUE(chunk_size >= 1, op, ": chunk_size must be >= 1, got ", chunk_size);
+}
+
+// The head's logit map (napo_math.h) from the ops' softcap (None or > 0) and logit_scale (> 0).
+inline LogitSpec logit_spec(const char* op, std::optional<double> softcap, double logit_scale) {
+  TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale > 0, op,
+                    ": logit_scale must be finite and > 0, got ", logit_scale);
+  TORCH_CHECK_VALUE(!softcap.has_value() || (std::isfinite(*softcap) && *softcap > 0), op,
+                    ": softcap must be None or finite and > 0, got ", softcap.value_or(0.0));
+  return {logit_scale, softcap.value_or(0.0)};
 }
 
 // Stage 1 from logits: logits [R, V].

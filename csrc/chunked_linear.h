@@ -1,10 +1,11 @@
 // The device-independent part of stage 1: the chunk loop and its GEMMs (ATen: MKL/oneDNN on CPU,
 // cuBLAS on CUDA). Each device supplies its fused per-row passes as a `Passes` policy:
 //
-//   Passes::logprob_rows(logits [n, V], probs [n, V] or undefined, targets, logp, lse)
-//   Passes::logit_grad_rows(in [n, V], out [n, V], targets, grad, lse, d_bias or undefined)
+//   Passes::logprob_rows(logits [n, V], probs [n, V] or undefined, targets, logp, lse, spec)
+//   Passes::logit_grad_rows(in [n, V], out [n, V], targets, grad, lse, d_bias or undefined, spec)
 //
-// (contracts as in csrc/cpu/row_kernels.h). The CPU build instantiates it with the CPU passes, so
+// (contracts as in csrc/cpu/row_kernels.h: the GEMMs write raw logits, the passes map them to the
+// head's logits of `spec`, scale and soft cap). The CPU build instantiates it with the CPU passes, so
 // the CPU tests also cover the loop the CUDA build runs. Targets are trusted (arg_checks.h).
 #pragma once
 
@@ -69,8 +70,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads_end(
 template <class Passes>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets_in, int64_t chunk_size, bool compute_expected) {
+    const at::Tensor& targets_in, int64_t chunk_size, bool compute_expected, std::optional<double> softcap,
+    double logit_scale) {
   check_linear("napo_C::linear_logprobs_fwd", hidden, weight, bias, targets_in, chunk_size);
+  const LogitSpec spec = logit_spec("napo_C::linear_logprobs_fwd", softcap, logit_scale);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous();
@@ -85,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     at::Tensor logits = block.narrow(0, 0, n);
     chunk_logits(logits, hidden.narrow(0, lo, n), weight, bias);
     Passes::logprob_rows(logits, compute_expected ? logits : at::Tensor(), targets.narrow(0, lo, n),
-                         logp.narrow(0, lo, n), lse.narrow(0, lo, n));
+                         logp.narrow(0, lo, n), lse.narrow(0, lo, n), spec);
     if (compute_expected) {
       at::Tensor out = expected.narrow(0, lo, n);
       if (acc_is_input)
@@ -101,9 +104,11 @@ template <class Passes>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     const at::Tensor& grad_in, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets_in, const at::Tensor& lse_in,
-    int64_t chunk_size, bool need_hidden, bool need_weight, bool need_bias) {
+    int64_t chunk_size, bool need_hidden, bool need_weight, bool need_bias, std::optional<double> softcap,
+    double logit_scale) {
   const char* op = "napo_C::linear_logprobs_bwd";
   check_linear(op, hidden, weight, bias, targets_in, chunk_size);
+  const LogitSpec spec = logit_spec(op, softcap, logit_scale);
   check_row_vector(op, "grad", grad_in, hidden);
   check_row_vector(op, "lse", lse_in, hidden);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
@@ -120,9 +125,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
       const at::Tensor h = hidden.narrow(0, lo, n);
       at::Tensor g = block.narrow(0, 0, n);
       chunk_logits(g, h, weight, bias);
-      // in place: the logits chunk becomes grad_r * (onehot - softmax), the bias gradient is summed
+      // in place: the logits chunk becomes grad_r * (onehot - softmax) * dz/draw, the bias gradient is summed
       Passes::logit_grad_rows(g, g, targets.narrow(0, lo, n), grad.narrow(0, lo, n), lse.narrow(0, lo, n),
-                              need_bias ? d_bias : at::Tensor());
+                              need_bias ? d_bias : at::Tensor(), spec);
       if (need_hidden) {
         at::Tensor out = d_hidden.narrow(0, lo, n);
         at::mm_out(out, g, weight);
@@ -147,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> logits_logprobs_fwd(const at::Tensor& logits_
   const at::Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
   const auto acc = logits.options().dtype(acc_type(logits.scalar_type()));
   at::Tensor logp = at::empty({logits.size(0)}, acc), lse = at::empty({logits.size(0)}, acc);
-  if (logits.size(0) > 0) Passes::logprob_rows(logits, at::Tensor(), targets, logp, lse);
+  if (logits.size(0) > 0) Passes::logprob_rows(logits, at::Tensor(), targets, logp, lse, LogitSpec{});
   return {logp, lse};
 }
 
@@ -161,7 +166,8 @@ at::Tensor logits_logprobs_bwd(const at::Tensor& grad_in, const at::Tensor& logi
   const at::Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
   at::Tensor out = at::empty(logits.sizes(), logits.options());
   if (logits.numel() > 0)
-    Passes::logit_grad_rows(logits, out, targets, grad_in.contiguous(), lse_in.contiguous(), at::Tensor());
+    Passes::logit_grad_rows(logits, out, targets, grad_in.contiguous(), lse_in.contiguous(), at::Tensor(),
+                            LogitSpec{});
   return out;
 }
 

@@ -53,6 +53,32 @@ inline float exp_vectorizable(float x) {
   y = x > hi ? static_cast<float>(INFINITY) : y;
   return x != x ? x : y;  // NaN stays NaN
 }
+
+// float tanh for the CPU loops (vectorises, like exp_vectorizable; within 2 ulp of the exact value),
+// and its derivative 1 - tanh(x)^2 = 4 e / (1 + e)^2, e = exp(-2|x|), to a few ulps relative (also
+// where it is tiny: 1 - t^2 from a rounded t would lose every digit once |t| rounds near 1).
+// |x| >= 0.625: tanh = (1 - e) / (1 + e), e <= 0.29, so 1 - e does not cancel; below, the Taylor
+// series x (1 + x^2 P(x^2)) up to x^19 (truncation < 1e-8 relative).
+inline float tanh_vectorizable(float x, float& sech2) {
+  const float a = x < 0.0f ? -x : x;
+  const float e = exp_vectorizable(-2.0f * a);  // 0 for |x| = inf: tanh = +-1, sech2 = 0
+  const float large = (1.0f - e) / (1.0f + e);
+  sech2 = 4.0f * e / ((1.0f + e) * (1.0f + e));
+  const float b = a < 0.625f ? a : 0.625f;  // the series only where it is used (no overflow beyond)
+  const float s = b * b;
+  float p = -443861162.0f / 1856156927625.0f;
+  p = p * s + 6404582.0f / 10854718875.0f;
+  p = p * s - 929569.0f / 638512875.0f;
+  p = p * s + 21844.0f / 6081075.0f;
+  p = p * s - 1382.0f / 155925.0f;
+  p = p * s + 62.0f / 2835.0f;
+  p = p * s - 17.0f / 315.0f;
+  p = p * s + 2.0f / 15.0f;
+  p = p * s - 1.0f / 3.0f;
+  const float small = b + b * s * p;
+  const float t = a < 0.625f ? small : large;  // NaN: large is NaN
+  return x < 0.0f ? -t : t;
+}
 #endif
 
 // Overloads instead of templates so float stays float on host and device alike.
@@ -68,6 +94,22 @@ NAPO_HOST_DEVICE inline float log_acc(float x) { return logf(x); }
 NAPO_HOST_DEVICE inline double log_acc(double x) { return log(x); }
 NAPO_HOST_DEVICE inline float log1p_acc(float x) { return log1pf(x); }
 NAPO_HOST_DEVICE inline double log1p_acc(double x) { return log1p(x); }
+// tanh(x), and in `sech2` its derivative 1 - tanh(x)^2 = 4 e / (1 + e)^2 with e = exp(-2|x|)
+// (relative accuracy everywhere; 0 once e underflows).
+NAPO_HOST_DEVICE inline float tanh_acc(float x, float& sech2) {
+#if defined(__CUDA_ARCH__)
+  const float e = expf(-2.0f * fabsf(x));
+  sech2 = 4.0f * e / ((1.0f + e) * (1.0f + e));
+  return tanhf(x);
+#else
+  return tanh_vectorizable(x, sech2);
+#endif
+}
+NAPO_HOST_DEVICE inline double tanh_acc(double x, double& sech2) {
+  const double e = exp(-2.0 * fabs(x));
+  sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e));
+  return tanh(x);
+}
 
 template <typename Acc>
 NAPO_HOST_DEVICE inline Acc neg_inf() {
@@ -116,7 +158,77 @@ NAPO_HOST_DEVICE inline Acc lse_value(LsePair<Acc> a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Stage 1: d logp / d logit_v = [v == y] - softmax_v, scaled by the row's upstream gradient g.
+// Stage 1, the head's logits: z = scale * raw (Cohere's logit_scale, Granite's 1 / logits_scaling, a
+// temperature), then with a soft cap (Gemma 2) z = cap * tanh(z / cap), raw = h W^T + b. The row
+// passes take one of three maps (a template parameter, so the plain head compiles to the loops it
+// always had); value(raw, slope) also returns dz/draw, the factor of the chain rule.
+// ---------------------------------------------------------------------------------------------
+struct PlainLogits {  // z = raw
+  template <typename Acc>
+  NAPO_HOST_DEVICE Acc value(Acc raw) const {
+    return raw;
+  }
+  template <typename Acc>
+  NAPO_HOST_DEVICE Acc value(Acc raw, Acc& slope) const {
+    slope = Acc(1);
+    return raw;
+  }
+};
+
+template <typename Acc>
+struct ScaledLogits {  // z = scale * raw
+  Acc scale;
+  NAPO_HOST_DEVICE Acc value(Acc raw) const { return scale * raw; }
+  NAPO_HOST_DEVICE Acc value(Acc raw, Acc& slope) const {
+    slope = scale;
+    return scale * raw;
+  }
+};
+
+// z = cap * tanh(scale * raw / cap): bounded by the cap whatever raw is (1e4, inf), and
+// dz/draw = scale (1 - tanh^2), computed as 4 e / (1 + e)^2 (tanh_acc) so that it keeps its relative
+// precision where tanh saturates (0 once it has). A raw logit of -inf (a masked entry) becomes -cap,
+// as in the formula.
+template <typename Acc>
+struct CappedLogits {
+  Acc cap;
+  Acc scale_over_cap;  // scale / cap
+  Acc scale;
+  NAPO_HOST_DEVICE Acc value(Acc raw) const {
+    Acc unused;
+    return cap * tanh_acc(scale_over_cap * raw, unused);
+  }
+  NAPO_HOST_DEVICE Acc value(Acc raw, Acc& slope) const {
+    Acc sech2;
+    const Acc t = tanh_acc(scale_over_cap * raw, sech2);
+    slope = scale * sech2;
+    return cap * t;
+  }
+};
+
+// What the caller asks for (the op's softcap and logit_scale; cap <= 0: none). The public API
+// checks that both are finite and positive.
+struct LogitSpec {
+  double scale = 1.0;
+  double cap = 0.0;
+};
+
+// Calls fn with the map of `spec` for accumulation type Acc (host side: picks the instantiation).
+template <typename Acc, typename Fn>
+inline void with_logit_map(const LogitSpec& spec, Fn&& fn) {
+  if (spec.cap > 0.0) {
+    fn(CappedLogits<Acc>{static_cast<Acc>(spec.cap), static_cast<Acc>(spec.scale / spec.cap),
+                         static_cast<Acc>(spec.scale)});
+  } else if (spec.scale != 1.0) {
+    fn(ScaledLogits<Acc>{static_cast<Acc>(spec.scale)});
+  } else {
+    fn(PlainLogits{});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage 1: d logp / d z_v = [v == y] - softmax_v, scaled by the row's upstream gradient g and by
+// slope = dz_v / draw_v (1 for a plain head: multiplying by it changes no bit).
 // ---------------------------------------------------------------------------------------------
 template <typename Acc>
 NAPO_HOST_DEVICE inline Acc softmax_prob(Acc logit, Acc lse) {
@@ -124,8 +236,8 @@ NAPO_HOST_DEVICE inline Acc softmax_prob(Acc logit, Acc lse) {
 }
 
 template <typename Acc>
-NAPO_HOST_DEVICE inline Acc logit_grad(Acc g, bool is_target, Acc logit, Acc lse) {
-  return g * ((is_target ? Acc(1) : Acc(0)) - softmax_prob(logit, lse));
+NAPO_HOST_DEVICE inline Acc logit_grad(Acc g, bool is_target, Acc logit, Acc lse, Acc slope = Acc(1)) {
+  return g * ((is_target ? Acc(1) : Acc(0)) - softmax_prob(logit, lse)) * slope;
 }
 
 // ---------------------------------------------------------------------------------------------

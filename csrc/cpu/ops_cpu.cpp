@@ -38,7 +38,7 @@ void with_format(at::ScalarType t, Fn&& fn) {
 
 struct CpuPasses {
   static void logprob_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
-                           at::Tensor logp, at::Tensor lse) {
+                           at::Tensor logp, at::Tensor lse, const LogitSpec& spec) {
     with_format(logits.scalar_type(), [&](auto format) {
       using F = decltype(format);
       using T = typename F::storage;
@@ -46,13 +46,14 @@ struct CpuPasses {
       cpu::logprob_rows<F>(static_cast<const T*>(logits.const_data_ptr()),
                            probs.defined() ? static_cast<T*>(probs.mutable_data_ptr()) : nullptr,
                            logits.size(0), logits.size(1), targets.const_data_ptr<int64_t>(),
-                           logp.mutable_data_ptr<Acc>(), lse.mutable_data_ptr<Acc>(), team_size());
+                           logp.mutable_data_ptr<Acc>(), lse.mutable_data_ptr<Acc>(), spec, team_size());
     });
   }
 
   static void logprob_tile_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
                                 int64_t offset, at::Tensor run_max, at::Tensor run_sum,
-                                at::Tensor target_logit, at::Tensor scale, bool normalize) {
+                                at::Tensor target_logit, at::Tensor scale, bool normalize,
+                                const LogitSpec& spec) {
     with_format(logits.scalar_type(), [&](auto format) {
       using F = decltype(format);
       using T = typename F::storage;
@@ -62,7 +63,7 @@ struct CpuPasses {
                                 logits.size(0), logits.size(1), offset, targets.const_data_ptr<int64_t>(),
                                 run_max.mutable_data_ptr<Acc>(), run_sum.mutable_data_ptr<Acc>(),
                                 target_logit.mutable_data_ptr<Acc>(), scale.mutable_data_ptr<Acc>(),
-                                normalize, team_size());
+                                normalize, spec, team_size());
     });
   }
 
@@ -81,7 +82,7 @@ struct CpuPasses {
   // `offset`: the vocabulary entry of column 0 (a tile's start; 0 for whole rows)
   static void logit_grad_rows(const at::Tensor& in, const at::Tensor& out, const at::Tensor& targets,
                               const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& d_bias,
-                              int64_t offset = 0) {
+                              const LogitSpec& spec, int64_t offset = 0) {
     with_format(in.scalar_type(), [&](auto format) {
       using F = decltype(format);
       using T = typename F::storage;
@@ -90,7 +91,7 @@ struct CpuPasses {
                               static_cast<T*>(out.mutable_data_ptr()), in.size(0), in.size(1), offset,
                               targets.const_data_ptr<int64_t>(), grad.const_data_ptr<Acc>(),
                               lse.const_data_ptr<Acc>(),
-                              d_bias.defined() ? d_bias.mutable_data_ptr<Acc>() : nullptr, team_size());
+                              d_bias.defined() ? d_bias.mutable_data_ptr<Acc>() : nullptr, spec, team_size());
     });
   }
 };
@@ -98,28 +99,34 @@ struct CpuPasses {
 // Stage 1 entry points: vocabulary tiles when the vocabulary is wider than one tile.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, int64_t chunk_size, bool compute_expected) {
-  check_linear("napo_C::linear_logprobs_fwd", hidden, weight, bias, targets, chunk_size);
+    const at::Tensor& targets, int64_t chunk_size, bool compute_expected, std::optional<double> softcap,
+    double logit_scale) {
+  const char* op = "napo_C::linear_logprobs_fwd";
+  check_linear(op, hidden, weight, bias, targets, chunk_size);
+  const LogitSpec spec = logit_spec(op, softcap, logit_scale);
   const cpu::TilePlan plan = cpu::plan_tiles(hidden.size(0), weight.size(0), chunk_size);
   if (!plan.tiled)
-    return linear_logprobs_fwd<CpuPasses>(hidden, weight, bias, targets, chunk_size, compute_expected);
-  return cpu::tiled_linear_fwd<CpuPasses>(hidden, weight, bias, targets, plan, compute_expected);
+    return linear_logprobs_fwd<CpuPasses>(hidden, weight, bias, targets, chunk_size, compute_expected,
+                                          softcap, logit_scale);
+  return cpu::tiled_linear_fwd<CpuPasses>(hidden, weight, bias, targets, plan, compute_expected, spec);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
-    int64_t chunk_size, bool need_hidden, bool need_weight, bool need_bias) {
+    int64_t chunk_size, bool need_hidden, bool need_weight, bool need_bias, std::optional<double> softcap,
+    double logit_scale) {
   const char* op = "napo_C::linear_logprobs_bwd";
   check_linear(op, hidden, weight, bias, targets, chunk_size);
   check_row_vector(op, "grad", grad, hidden);
   check_row_vector(op, "lse", lse, hidden);
+  const LogitSpec spec = logit_spec(op, softcap, logit_scale);
   const cpu::TilePlan plan = cpu::plan_tiles(hidden.size(0), weight.size(0), chunk_size);
   if (!plan.tiled)
     return linear_logprobs_bwd<CpuPasses>(grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden,
-                                          need_weight, need_bias);
+                                          need_weight, need_bias, softcap, logit_scale);
   return cpu::tiled_linear_bwd<CpuPasses>(grad, hidden, weight, bias, targets, lse, plan, need_hidden,
-                                          need_weight, need_bias);
+                                          need_weight, need_bias, spec);
 }
 
 std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, const at::Tensor& rejected_in,

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "napo_math.h"
 
@@ -64,55 +65,46 @@ Isa active_isa() {
 
 }  // namespace
 
+// The three stage-1 passes: the instruction set picked at run time, the logit map by the spec.
+#ifdef NAPO_CPU_X86_CLONES
+#define NAPO_DISPATCH_ISA(pass, ...)                        \
+  with_logit_map<AccOf<F>>(spec, [&](auto map) {            \
+    switch (active_isa()) {                                 \
+      case Isa::kAvx512:                                    \
+        return avx512::pass<F>(__VA_ARGS__, map, threads);  \
+      case Isa::kAvx2:                                      \
+        return avx2::pass<F>(__VA_ARGS__, map, threads);    \
+      default:                                              \
+        return generic::pass<F>(__VA_ARGS__, map, threads); \
+    }                                                       \
+  })
+#else
+#define NAPO_DISPATCH_ISA(pass, ...) \
+  with_logit_map<AccOf<F>>(spec, [&](auto map) { generic::pass<F>(__VA_ARGS__, map, threads); })
+#endif
+
 template <class F>
 void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t vocab,
-                  const int64_t* targets, AccOf<F>* logp, AccOf<F>* lse, int threads) {
-  switch (active_isa()) {
-#ifdef NAPO_CPU_X86_CLONES
-    case Isa::kAvx512:
-      return avx512::logprob_rows<F>(logits, probs, rows, vocab, targets, logp, lse, threads);
-    case Isa::kAvx2:
-      return avx2::logprob_rows<F>(logits, probs, rows, vocab, targets, logp, lse, threads);
-#endif
-    default:
-      return generic::logprob_rows<F>(logits, probs, rows, vocab, targets, logp, lse, threads);
-  }
+                  const int64_t* targets, AccOf<F>* logp, AccOf<F>* lse, const LogitSpec& spec, int threads) {
+  NAPO_DISPATCH_ISA(logprob_rows, logits, probs, rows, vocab, targets, logp, lse);
 }
 
 template <class F>
 void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width,
                        int64_t offset, const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum,
-                       AccOf<F>* target_logit, AccOf<F>* scale, bool normalize, int threads) {
-  switch (active_isa()) {
-#ifdef NAPO_CPU_X86_CLONES
-    case Isa::kAvx512:
-      return avx512::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum,
-                                          target_logit, scale, normalize, threads);
-    case Isa::kAvx2:
-      return avx2::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum,
-                                        target_logit, scale, normalize, threads);
-#endif
-    default:
-      return generic::logprob_tile_rows<F>(logits, probs, rows, width, offset, targets, run_max, run_sum,
-                                           target_logit, scale, normalize, threads);
-  }
+                       AccOf<F>* target_logit, AccOf<F>* scale, bool normalize, const LogitSpec& spec,
+                       int threads) {
+  NAPO_DISPATCH_ISA(logprob_tile_rows, logits, probs, rows, width, offset, targets, run_max, run_sum,
+                    target_logit, scale, normalize);
 }
 
 template <class F>
 void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab, int64_t offset,
                      const int64_t* targets, const AccOf<F>* grad, const AccOf<F>* lse, AccOf<F>* d_bias,
-                     int threads) {
-  switch (active_isa()) {
-#ifdef NAPO_CPU_X86_CLONES
-    case Isa::kAvx512:
-      return avx512::logit_grad_rows<F>(in, out, rows, vocab, offset, targets, grad, lse, d_bias, threads);
-    case Isa::kAvx2:
-      return avx2::logit_grad_rows<F>(in, out, rows, vocab, offset, targets, grad, lse, d_bias, threads);
-#endif
-    default:
-      return generic::logit_grad_rows<F>(in, out, rows, vocab, offset, targets, grad, lse, d_bias, threads);
-  }
+                     const LogitSpec& spec, int threads) {
+  NAPO_DISPATCH_ISA(logit_grad_rows, in, out, rows, vocab, offset, targets, grad, lse, d_bias);
 }
+#undef NAPO_DISPATCH_ISA
 
 // Stage 2 is O(B * M) and tiny next to stage 1: one plain version, OpenMP over prompt rows.
 template <typename Acc>
@@ -156,11 +148,13 @@ int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* sele
 
 #define NAPO_INSTANTIATE_ROWS(F)                                                                             \
   template void logprob_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, const int64_t*, AccOf<F>*, \
-                                AccOf<F>*, int);                                                             \
+                                AccOf<F>*, const LogitSpec&, int);                                           \
   template void logprob_tile_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t,              \
-                                     const int64_t*, AccOf<F>*, AccOf<F>*, AccOf<F>*, AccOf<F>*, bool, int); \
+                                     const int64_t*, AccOf<F>*, AccOf<F>*, AccOf<F>*, AccOf<F>*, bool,       \
+                                     const LogitSpec&, int);                                                 \
   template void logit_grad_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t,                \
-                                   const int64_t*, const AccOf<F>*, const AccOf<F>*, AccOf<F>*, int);
+                                   const int64_t*, const AccOf<F>*, const AccOf<F>*, AccOf<F>*,              \
+                                   const LogitSpec&, int);
 NAPO_INSTANTIATE_ROWS(Float32)
 NAPO_INSTANTIATE_ROWS(Float64)
 NAPO_INSTANTIATE_ROWS(Float16)

@@ -19,31 +19,44 @@ constexpr int64_t kColBlock = 128;
 // Below this many elements a pass runs on one thread (thread start-up would dominate).
 constexpr int64_t kParallelMin = 1 << 15;
 
+// Every pass reads raw logits (the GEMM's output) and maps them to the head's logits z on the fly
+// (`map`: PlainLogits, ScaledLogits or CappedLogits of napo_math.h), in the accumulation type.
+
 // (max, sum-exp) of one block of a row: max first, then the exp sum relative to it. A NaN element
 // makes the sum NaN (exp(NaN - m)), so it reaches the row's lse whatever the max does with it.
-template <class F>
-LsePair<AccOf<F>> block_lse(const Storage<F>* x, int64_t n) {
+template <class F, class M>
+LsePair<AccOf<F>> block_lse(const Storage<F>* x, int64_t n, M map) {
   using Acc = AccOf<F>;
+  if constexpr (!std::is_same_v<M, PlainLogits>) {
+    // map each logit once (a tanh costs more than the exp), then the plain block in Acc
+    using AccFormat = std::conditional_t<std::is_same_v<Acc, double>, Float64, Float32>;
+    Acc z[kRowBlock];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) z[j] = map.value(F::load(x[j]));
+    return block_lse<AccFormat>(z, n, PlainLogits{});
+  }
   Acc m = neg_inf<Acc>();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) {
-    const Acc v = F::load(x[j]);
+    const Acc v = map.value(F::load(x[j]));
     m = v > m ? v : m;
   }
   if (m == neg_inf<Acc>()) {  // all -inf (the block adds nothing), unless a NaN hides among them
-    for (int64_t j = 0; j < n; ++j)
-      if (F::load(x[j]) != F::load(x[j])) return {F::load(x[j]), Acc(1)};
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc v = map.value(F::load(x[j]));
+      if (v != v) return {v, Acc(1)};
+    }
     return lse_empty<Acc>();
   }
   Acc s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += exp_acc(F::load(x[j]) - m);
+  for (int64_t j = 0; j < n; ++j) s += exp_acc(map.value(F::load(x[j])) - m);
   return {m, s};
 }
 
-template <class F>
+template <class F, class M>
 void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t vocab,
-                  const int64_t* targets, AccOf<F>* logp, AccOf<F>* lse, int threads) {
+                  const int64_t* targets, AccOf<F>* logp, AccOf<F>* lse, M map, int threads) {
   using T = Storage<F>;
   using Acc = AccOf<F>;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * vocab >= kParallelMin && rows > 1)
@@ -51,16 +64,20 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
     const T* x = logits + r * vocab;
     LsePair<Acc> acc = lse_empty<Acc>();
     for (int64_t lo = 0; lo < vocab; lo += kRowBlock)
-      acc = lse_merge(acc, block_lse<F>(x + lo, std::min(kRowBlock, vocab - lo)));
+      acc = lse_merge(acc, block_lse<F>(x + lo, std::min(kRowBlock, vocab - lo), map));
     const Acc row_lse = lse_value(acc);
     lse[r] = row_lse;
     // the one check on a target: a bounds guard for memory safety (its value is trusted otherwise)
     const int64_t y = targets[r];
-    logp[r] = 0 <= y && y < vocab ? F::load(x[y]) - row_lse : static_cast<Acc>(NAN);
-    if (probs != nullptr) {
+    logp[r] = 0 <= y && y < vocab ? map.value(F::load(x[y])) - row_lse : static_cast<Acc>(NAN);
+    if (probs != nullptr) {  // softmax_v * dz_v/draw_v: the frozen head's sum over v of it times W_v
       T* p = probs + r * vocab;
 #pragma omp simd
-      for (int64_t v = 0; v < vocab; ++v) p[v] = F::store(softmax_prob(F::load(x[v]), row_lse));
+      for (int64_t v = 0; v < vocab; ++v) {
+        Acc slope;
+        const Acc z = map.value(F::load(x[v]), slope);
+        p[v] = F::store(softmax_prob(z, row_lse) * slope);
+      }
     }
   }
 }
@@ -70,10 +87,10 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
 // when it falls in the tile, writes exp(x - new max) into `probs` when not null (may be `logits`)
 // and scale[r] = exp(old max - new max), the factor for whatever was summed against the old max.
 // `normalize`: probs are also divided by the new sum and scale carries old sum / new sum.
-template <class F>
+template <class F, class M>
 void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width,
                        int64_t offset, const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum,
-                       AccOf<F>* target_logit, AccOf<F>* scale, bool normalize, int threads) {
+                       AccOf<F>* target_logit, AccOf<F>* scale, bool normalize, M map, int threads) {
   using T = Storage<F>;
   using Acc = AccOf<F>;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * width >= kParallelMin && rows > 1)
@@ -81,7 +98,7 @@ void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows
     const T* x = logits + r * width;
     LsePair<Acc> tile = lse_empty<Acc>();
     for (int64_t lo = 0; lo < width; lo += kRowBlock)
-      tile = lse_merge(tile, block_lse<F>(x + lo, std::min(kRowBlock, width - lo)));
+      tile = lse_merge(tile, block_lse<F>(x + lo, std::min(kRowBlock, width - lo), map));
     const Acc old_max = run_max[r], old_sum = run_sum[r];
     const LsePair<Acc> merged = lse_merge(LsePair<Acc>{old_max, old_sum}, tile);
     // equal maxima (including both -inf: nothing summed yet) need no rescaling
@@ -93,7 +110,7 @@ void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows
     run_max[r] = merged.max;
     run_sum[r] = merged.sum;
     const int64_t y = targets[r] - offset;
-    if (0 <= y && y < width) target_logit[r] = F::load(x[y]);
+    if (0 <= y && y < width) target_logit[r] = map.value(F::load(x[y]));
     if (probs != nullptr) {
       T* p = probs + r * width;
       // all -inf so far: probability 0 (exp(-inf - -inf) would be NaN); the max stays finite after
@@ -103,20 +120,28 @@ void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows
         continue;
       }
 #pragma omp simd
-      for (int64_t v = 0; v < width; ++v) p[v] = F::store(softmax_prob(F::load(x[v]), m) * inv_sum);
+      for (int64_t v = 0; v < width; ++v) {
+        Acc slope;
+        const Acc z = map.value(F::load(x[v]), slope);
+        p[v] = F::store(softmax_prob(z, m) * slope * inv_sum);
+      }
     }
   }
 }
 
 // The gradient of `len` columns of one row (see logit_grad_rows), y the target's column among
 // them or -1; the values are also added to bias_sum when it is not null.
-template <class F>
+template <class F, class M>
 inline void logit_grad_span(const Storage<F>* x, Storage<F>* o, int len, int y, AccOf<F> g, AccOf<F> row_lse,
-                            AccOf<F>* bias_sum) {
+                            AccOf<F>* bias_sum, M map) {
   using Acc = AccOf<F>;
   Acc d[kColBlock];  // two simple loops vectorise where one fused loop does not (fp16 stores)
 #pragma omp simd
-  for (int v = 0; v < len; ++v) d[v] = logit_grad(g, v == y, F::load(x[v]), row_lse);
+  for (int v = 0; v < len; ++v) {
+    Acc slope;
+    const Acc z = map.value(F::load(x[v]), slope);
+    d[v] = logit_grad(g, v == y, z, row_lse, slope);
+  }
   if (bias_sum != nullptr) {
 #pragma omp simd
     for (int v = 0; v < len; ++v) bias_sum[v] += d[v];
@@ -125,10 +150,10 @@ inline void logit_grad_span(const Storage<F>* x, Storage<F>* o, int len, int y, 
   for (int v = 0; v < len; ++v) o[v] = F::store(d[v]);
 }
 
-template <class F>
+template <class F, class M>
 void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab, int64_t offset,
                      const int64_t* targets, const AccOf<F>* grad, const AccOf<F>* lse, AccOf<F>* d_bias,
-                     int threads) {
+                     M map, int threads) {
   using Acc = AccOf<F>;
   const int64_t blocks = (vocab + kColBlock - 1) / kColBlock;
   // the target's column within block [lo, lo + len), -1 when outside (32-bit: cheap vector compares)
@@ -143,7 +168,7 @@ void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_
       const int64_t r = i / blocks, lo = (i % blocks) * kColBlock;
       const int len = static_cast<int>(std::min(kColBlock, vocab - lo));
       logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, target_in(r, lo, len), grad[r],
-                         lse[r], nullptr);
+                         lse[r], nullptr, map);
     }
     return;
   }
@@ -155,7 +180,7 @@ void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_
     Acc bias_sum[kColBlock] = {};
     for (int64_t r = 0; r < rows; ++r)
       logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, target_in(r, lo, len), grad[r],
-                         lse[r], bias_sum);
+                         lse[r], bias_sum, map);
 #pragma omp simd
     for (int v = 0; v < len; ++v) d_bias[lo + v] += bias_sum[v];
   }

@@ -69,11 +69,9 @@ inline std::optional<at::Tensor> bias_tile(const std::optional<at::Tensor>& bias
 }
 
 template <class Passes>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor& hidden,
-                                                                const at::Tensor& weight,
-                                                                const std::optional<at::Tensor>& bias,
-                                                                const at::Tensor& targets_in, TilePlan plan,
-                                                                bool compute_expected) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets_in, TilePlan plan, bool compute_expected, const LogitSpec& spec) {
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous();
@@ -99,10 +97,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(const at::Tensor
       const at::Tensor wt = weight.narrow(0, v0, w);
       at::Tensor logits = block.narrow(0, 0, n * w).view({n, w});
       chunk_logits(logits, h, wt, bias_tile(bias, v0, w));
-      // in place: the logits become exp(logit - running max) when the frozen head needs them
+      // in place: the logits become exp(z - running max) * dz/draw when the frozen head needs them
       Passes::logprob_tile_rows(logits, compute_expected ? logits : at::Tensor(), targets.narrow(0, lo, n),
                                 v0, run_max.narrow(0, lo, n), run_sum.narrow(0, lo, n),
-                                target_logit.narrow(0, lo, n), scale.narrow(0, 0, n), normalize);
+                                target_logit.narrow(0, lo, n), scale.narrow(0, 0, n), normalize, spec);
       if (!compute_expected) continue;
       if (v0 == 0) {
         if (acc_is_input)
@@ -128,7 +126,7 @@ template <class Passes>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(
     const at::Tensor& grad_in, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets_in, const at::Tensor& lse_in,
-    TilePlan plan, bool need_hidden, bool need_weight, bool need_bias) {
+    TilePlan plan, bool need_hidden, bool need_weight, bool need_bias, const LogitSpec& spec) {
   const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous(), grad = grad_in.contiguous(), lse = lse_in.contiguous();
@@ -152,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(
         at::Tensor g = block.narrow(0, 0, n * w).view({n, w});
         chunk_logits(g, h, wt, bias_tile(bias, v0, w));
         Passes::logit_grad_rows(g, g, targets.narrow(0, lo, n), grad.narrow(0, lo, n), lse.narrow(0, lo, n),
-                                need_bias ? d_bias.narrow(0, v0, w) : at::Tensor(), v0);
+                                need_bias ? d_bias.narrow(0, v0, w) : at::Tensor(), spec, v0);
         if (need_hidden) {
           if (!acc_is_input)
             v0 == 0 ? dh.copy_(at::mm(g, wt)) : dh.add_(at::mm(g, wt));

@@ -9,20 +9,23 @@
 
 #include <cstdint>
 
+#include "napo_math.h"
+
 namespace napo::cuda {
 
 enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64 };
 
-// Stage 1 forward over [rows, vocab] (one block per row).
+// Stage 1 forward over [rows, vocab] raw logits (one block per row), on the head's logits z of `spec`.
 struct LogprobRowsArgs {
   DType dtype;         // of logits and probs
   const void* logits;  // [rows, vocab]
-  void* probs;         // [rows, vocab] receives the softmax; may equal logits; may be null
+  void* probs;         // [rows, vocab] receives softmax(z) * dz/draw; may equal logits; may be null
   int64_t rows;
   int64_t vocab;
   const int64_t* targets;  // [rows], trusted: a target outside [0, vocab) gives logp = NaN
   void* logp;              // [rows], accumulation dtype
   void* lse;               // [rows], accumulation dtype
+  LogitSpec spec;          // the head's logit scale and soft cap (napo_math.h)
   void* stream;            // cudaStream_t
 };
 const char* logprob_rows(const LogprobRowsArgs& args);
@@ -31,8 +34,8 @@ const char* logprob_rows(const LogprobRowsArgs& args);
 // bias_scratch_groups(rows) * vocab accumulation-dtype values when `d_bias` is not null.
 int64_t bias_scratch_groups(int64_t rows);
 
-// Stage 1 backward: out = grad_r * (onehot - softmax); d_bias += the column sums, reduced in a fixed
-// order (bitwise reproducible, no atomics).
+// Stage 1 backward: out = grad_r * (onehot - softmax(z)) * dz/draw; d_bias += the column sums, reduced
+// in a fixed order (bitwise reproducible, no atomics).
 struct LogitGradRowsArgs {
   DType dtype;     // of in and out
   const void* in;  // [rows, vocab] logits
@@ -44,6 +47,7 @@ struct LogitGradRowsArgs {
   const void* lse;         // [rows], accumulation dtype
   void* d_bias;            // [vocab], accumulation dtype, added to; may be null
   void* scratch;           // see bias_scratch_groups; may be null when d_bias is
+  LogitSpec spec;          // the head's logit scale and soft cap (napo_math.h)
   void* stream;            // cudaStream_t
 };
 const char* logit_grad_rows(const LogitGradRowsArgs& args);

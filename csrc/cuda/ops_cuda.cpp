@@ -40,7 +40,7 @@ void check_launch(const char* error, const char* kernel) {
 
 struct CudaPasses {
   static void logprob_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
-                           at::Tensor logp, at::Tensor lse) {
+                           at::Tensor logp, at::Tensor lse, const LogitSpec& spec) {
     const c10::cuda::CUDAGuard guard(logits.device());
     check_launch(cuda::logprob_rows({
                      .dtype = device_dtype(logits.scalar_type()),
@@ -51,13 +51,15 @@ struct CudaPasses {
                      .targets = targets.const_data_ptr<int64_t>(),
                      .logp = logp.mutable_data_ptr(),
                      .lse = lse.mutable_data_ptr(),
+                     .spec = spec,
                      .stream = current_stream(logits),
                  }),
                  "logprob_rows");
   }
 
   static void logit_grad_rows(const at::Tensor& in, const at::Tensor& out, const at::Tensor& targets,
-                              const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& d_bias) {
+                              const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& d_bias,
+                              const LogitSpec& spec) {
     const c10::cuda::CUDAGuard guard(in.device());
     at::Tensor scratch;
     if (d_bias.defined())  // per-group column sums, reduced in a fixed order by the second kernel
@@ -73,6 +75,7 @@ struct CudaPasses {
                      .lse = lse.const_data_ptr(),
                      .d_bias = d_bias.defined() ? d_bias.mutable_data_ptr() : nullptr,
                      .scratch = scratch.defined() ? scratch.mutable_data_ptr() : nullptr,
+                     .spec = spec,
                      .stream = current_stream(in),
                  }),
                  "logit_grad_rows");

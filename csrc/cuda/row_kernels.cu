@@ -16,38 +16,44 @@ constexpr int kColThreads = 256;
 constexpr int64_t kRowsPerGroup = 32;  // rows one thread walks down its column in the backward
 constexpr int64_t kMaxGridY = 65535;
 
+// The kernels read raw logits and map them to the head's logits z with `map` (PlainLogits,
+// ScaledLogits or CappedLogits of napo_math.h, a template parameter: one instantiation each).
+
 // One block per row: online (max, sum-exp) per thread, merged across the block, then the target
-// logit and, optionally, the softmax written over the row.
-template <typename T>
+// logit and, optionally, softmax * dz/draw written over the row (the frozen head's factor of W).
+template <typename T, class M>
 __global__ void __launch_bounds__(kRowThreads)
     logprob_rows_kernel(const T* logits, T* probs, int64_t vocab, const int64_t* targets,
-                        typename Io<T>::Acc* logp, typename Io<T>::Acc* lse) {
+                        typename Io<T>::Acc* logp, typename Io<T>::Acc* lse, M map) {
   using Acc = typename Io<T>::Acc;
   const int64_t r = blockIdx.x;
   const T* x = logits + r * vocab;
   LsePair<Acc> p = lse_empty<Acc>();
-  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) p = lse_push(p, Io<T>::load(x[v]));
+  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) p = lse_push(p, map.value(Io<T>::load(x[v])));
   const Acc row_lse = lse_value(block_lse(p));
   if (threadIdx.x == 0) {
     const int64_t y = targets[r];
     lse[r] = row_lse;
-    logp[r] = (y >= 0 && y < vocab) ? Io<T>::load(x[y]) - row_lse : static_cast<Acc>(NAN);
+    logp[r] = (y >= 0 && y < vocab) ? map.value(Io<T>::load(x[y])) - row_lse : static_cast<Acc>(NAN);
   }
   if (probs != nullptr) {
     __syncthreads();  // thread 0 has read x[y] before the row is overwritten in place
     T* out = probs + r * vocab;
-    for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x)
-      out[v] = Io<T>::store(softmax_prob(Io<T>::load(x[v]), row_lse));
+    for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
+      Acc slope;
+      const Acc z = map.value(Io<T>::load(x[v]), slope);
+      out[v] = Io<T>::store(softmax_prob(z, row_lse) * slope);
+    }
   }
 }
 
-// Thread per (column, group of rows): writes grad_r * (onehot - softmax) down its column and,
-// when asked, the group's column sum into scratch[group, column] (summed by bias_sum_kernel).
-template <typename T>
+// Thread per (column, group of rows): writes grad_r * (onehot - softmax) * dz/draw down its column
+// and, when asked, the group's column sum into scratch[group, column] (summed by bias_sum_kernel).
+template <typename T, class M>
 __global__ void __launch_bounds__(kColThreads)
     logit_grad_kernel(const T* in, T* out, int64_t rows, int64_t vocab, int64_t rows_per_group,
                       const int64_t* targets, const typename Io<T>::Acc* grad, const typename Io<T>::Acc* lse,
-                      typename Io<T>::Acc* scratch) {
+                      typename Io<T>::Acc* scratch, M map) {
   using Acc = typename Io<T>::Acc;
   const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (v >= vocab) return;
@@ -56,7 +62,9 @@ __global__ void __launch_bounds__(kColThreads)
   Acc column = 0;
   for (int64_t r = lo; r < hi; ++r) {
     const int64_t i = r * vocab + v;
-    const Acc d = logit_grad(grad[r], targets[r] == v, Io<T>::load(in[i]), lse[r]);
+    Acc slope;
+    const Acc z = map.value(Io<T>::load(in[i]), slope);
+    const Acc d = logit_grad(grad[r], targets[r] == v, z, lse[r], slope);
     out[i] = Io<T>::store(d);
     column += d;
   }
@@ -83,10 +91,12 @@ template <typename T>
 const char* launch_logprob(const LogprobRowsArgs& a) {
   using Acc = typename Io<T>::Acc;
   if (a.rows == 0) return nullptr;
-  logprob_rows_kernel<T>
-      <<<static_cast<unsigned>(a.rows), kRowThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(
-          static_cast<const T*>(a.logits), static_cast<T*>(a.probs), a.vocab, a.targets,
-          static_cast<Acc*>(a.logp), static_cast<Acc*>(a.lse));
+  with_logit_map<Acc>(a.spec, [&](auto map) {
+    logprob_rows_kernel<T, decltype(map)>
+        <<<static_cast<unsigned>(a.rows), kRowThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(
+            static_cast<const T*>(a.logits), static_cast<T*>(a.probs), a.vocab, a.targets,
+            static_cast<Acc*>(a.logp), static_cast<Acc*>(a.lse), map);
+  });
   return last_error();
 }
 
@@ -100,9 +110,11 @@ const char* launch_logit_grad(const LogitGradRowsArgs& a) {
   const dim3 grid(static_cast<unsigned>((a.vocab + kColThreads - 1) / kColThreads),
                   static_cast<unsigned>(groups));
   Acc* scratch = a.d_bias != nullptr ? static_cast<Acc*>(a.scratch) : nullptr;
-  logit_grad_kernel<T><<<grid, kColThreads, 0, stream>>>(
-      static_cast<const T*>(a.in), static_cast<T*>(a.out), a.rows, a.vocab, per_group, a.targets,
-      static_cast<const Acc*>(a.grad), static_cast<const Acc*>(a.lse), scratch);
+  with_logit_map<Acc>(a.spec, [&](auto map) {
+    logit_grad_kernel<T, decltype(map)><<<grid, kColThreads, 0, stream>>>(
+        static_cast<const T*>(a.in), static_cast<T*>(a.out), a.rows, a.vocab, per_group, a.targets,
+        static_cast<const Acc*>(a.grad), static_cast<const Acc*>(a.lse), scratch, map);
+  });
   if (a.d_bias != nullptr)
     bias_sum_kernel<Acc>
         <<<grid.x, kColThreads, 0, stream>>>(scratch, groups, a.vocab, static_cast<Acc*>(a.d_bias));

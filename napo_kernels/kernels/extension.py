@@ -36,8 +36,12 @@ def linear_logprobs_fwd(
     targets: Tensor,
     chunk_size: int,
     compute_expected: bool,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _ops.linear_logprobs_fwd(hidden, weight, bias, targets, chunk_size, compute_expected)
+    return _ops.linear_logprobs_fwd(
+        hidden, weight, bias, targets, chunk_size, compute_expected, softcap, logit_scale
+    )
 
 
 def linear_logprobs_bwd(
@@ -51,10 +55,13 @@ def linear_logprobs_bwd(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _ops.linear_logprobs_bwd(
-        grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias
-    )
+        grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias,
+        softcap, logit_scale,
+    )  # fmt: skip
 
 
 def logits_logprobs_fwd(logits: Tensor, targets: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
@@ -78,12 +85,15 @@ def preference_fwd(
 
 
 @torch.library.register_fake("napo_C::linear_logprobs_fwd")
-def _(hidden, weight, bias, targets, chunk_size, compute_expected):
+def _(hidden, weight, bias, targets, chunk_size, compute_expected, softcap=None, logit_scale=1.0):
     return fakes.linear_logprobs_fwd(hidden, compute_expected)
 
 
 @torch.library.register_fake("napo_C::linear_logprobs_bwd")
-def _(grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias):
+def _(
+    grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias,
+    softcap=None, logit_scale=1.0,
+):  # fmt: skip
     return fakes.linear_logprobs_bwd(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
