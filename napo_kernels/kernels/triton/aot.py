@@ -45,7 +45,7 @@ class Compiled:
     def row(self) -> str:
         ok = "ok" if self.fits else "SHARED MEMORY OVER LIMIT"
         return (
-            f"sm_{self.arch}  {self.kernel:<22} {self.dtype:<9} {self.config:<44} "
+            f"sm_{self.arch}  {self.kernel:<30} {self.dtype:<9} {self.config:<44} "
             f"regs {self.registers:>3}  spills {self.spill_bytes:>5} B  shared {self.shared_bytes:>6} B  {ok}"
         )
 
@@ -66,22 +66,35 @@ def _cases(quick: bool, dtypes: tuple[torch.dtype, ...]) -> Iterator[tuple]:
     def first(configs):
         return configs[:1] if quick else configs
 
+    # the head's compile-time constants (utils.head_logits): a plain head, and Gemma 2's soft cap
+    # together with a logit scale (the scaled-only variant is the plain one plus a multiply)
+    heads = {"": dict(SCALE=1.0, SOFTCAP=0.0), "_softcap": dict(SCALE=0.5, SOFTCAP=30.0)}
+
     for dtype in dtypes:
         x, acc = f"*{names[dtype]}", "*fp64" if dtype == torch.float64 else "*fp32"
         ints = dict.fromkeys(("R", "V", "H", "stride_h", "stride_w"), "i32")
         common = dict(HAS_BIAS=True, ACC=tl_acc(dtype), DOT=tl_dot_dtype(dtype), PREC=dot_precision(dtype))
         stage1 = dict(h_ptr=x, w_ptr=x, b_ptr=x, t_ptr="*i64")
-        for cfg in first(lin._ROW_PROGRAM_CONFIGS):
-            sig = dict(**stage1, max_ptr=acc, sum_ptr=acc, pick_ptr=acc, **ints)
-            yield "linear_forward", lin._forward_kernel.fn, sig, common, cfg, dtype
-            sig = dict(g_ptr=acc, **stage1, lse_ptr=acc, out_ptr=acc, **ints)
-            for expected in (False, True):
-                yield "linear_hidden" + ("_expected" * expected), lin._hidden_kernel.fn, sig, dict(
-                    EXPECTED=expected, **common), cfg, dtype  # fmt: skip
-        for cfg in first(lin._VOCAB_PROGRAM_CONFIGS):
-            sig = dict(g_ptr=acc, **stage1, lse_ptr=acc, dw_ptr=acc, db_ptr=acc, **ints)
-            const = dict(NEED_WEIGHT=True, NEED_BIAS=True, **common)
-            yield "linear_weight", lin._weight_kernel.fn, sig, const, cfg, dtype
+        for suffix, head in heads.items():
+            for cfg in first(lin._ROW_PROGRAM_CONFIGS):
+                sig = dict(**stage1, max_ptr=acc, sum_ptr=acc, pick_ptr=acc, **ints)
+                yield (
+                    "linear_forward" + suffix,
+                    lin._forward_kernel.fn,
+                    sig,
+                    dict(**common, **head),
+                    cfg,
+                    dtype,
+                )
+                sig = dict(g_ptr=acc, **stage1, lse_ptr=acc, out_ptr=acc, **ints)
+                for expected in (False, True):
+                    name = "linear_hidden" + ("_expected" * expected) + suffix
+                    const = dict(EXPECTED=expected, **common, **head)
+                    yield name, lin._hidden_kernel.fn, sig, const, cfg, dtype
+            for cfg in first(lin._VOCAB_PROGRAM_CONFIGS):
+                sig = dict(g_ptr=acc, **stage1, lse_ptr=acc, dw_ptr=acc, db_ptr=acc, **ints)
+                const = dict(NEED_WEIGHT=True, NEED_BIAS=True, **common, **head)
+                yield "linear_weight" + suffix, lin._weight_kernel.fn, sig, const, cfg, dtype
         ints = dict(R="i32", V="i32", stride_x="i32")
         for cfg in first(logit._FORWARD_CONFIGS):
             sig = dict(x_ptr=x, t_ptr="*i64", logp_ptr=acc, lse_ptr=acc, **ints)

@@ -18,6 +18,8 @@ and the result is bitwise deterministic run to run. The price is one extra recom
 when both hidden and weight gradients are needed (forward 1 + backward 4 GEMM-sized products, against
 1 + 3 for an atomic-add kernel). Accumulation is float32 (float64 for float64 inputs); gradients come
 back in the input dtype. ``chunk_size`` is not used: logits only ever exist as register tiles.
+A scaled or soft-capped head (``logit_scale``, ``softcap``) is applied to each tile in registers
+(``utils.head_logits``, the chain rule's ``dz/draw`` with it); both are compile-time constants.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from .utils import (
     acc_dtype,
     configs,
     dot_precision,
+    head_constants,
+    head_logits,
     require_dtype,
     require_matching,
     require_targets,
@@ -77,9 +81,12 @@ def _split_range(V, BLOCK_V: tl.constexpr):
 def _logits_tile(
     h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """``h[rows] @ W[cols]^T (+ b[cols])`` in ``ACC``; ``-inf`` in columns outside the vocabulary."""
+    """``(z, dz/draw)``: the head's logits of ``h[rows] @ W[cols]^T (+ b[cols])`` in ``ACC``
+    (``head_logits``), ``z = -inf`` in columns outside the vocabulary (mapped first: a cap would
+    turn -inf into -SOFTCAP)."""
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
     acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=ACC)
@@ -91,19 +98,21 @@ def _logits_tile(
         acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-    return tl.where(col_ok[None, :], acc, float("-inf"))
+    z, slope = head_logits(acc, SCALE, SOFTCAP)
+    return tl.where(col_ok[None, :], z, float("-inf")), slope
 
 
 @triton.jit
-def _grad_tile(logits, lse, g, target, cols, EXPECTED: tl.constexpr):
-    """``d s / d logits`` scaled by ``g``: ``g (onehot - p)``, or ``p`` itself for ``EXPECTED``.
-    Exactly 0 in padding: columns have -inf logits, rows are loaded with ``lse = +inf`` and ``g = 0``
-    (``lse = 0`` there would let ``exp(bias)`` overflow into ``inf * 0 = NaN`` in the GEMMs)."""
+def _grad_tile(logits, slope, lse, g, target, cols, EXPECTED: tl.constexpr):
+    """``d s / d raw logits`` scaled by ``g``: ``g (onehot - p) dz/draw``, or ``p dz/draw`` for
+    ``EXPECTED`` (``slope`` = dz/draw; the constant 1 for a plain head). Exactly 0 in padding:
+    columns have -inf logits, rows are loaded with ``lse = +inf`` and ``g = 0`` (``lse = 0`` there
+    would let ``exp(bias)`` overflow into ``inf * 0 = NaN`` in the GEMMs)."""
     p = tl.exp(logits - lse[:, None])
     if EXPECTED:
-        return p
+        return p * slope
     onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
-    return g[:, None] * (onehot - p)
+    return g[:, None] * (onehot - p) * slope
 
 
 @triton.autotune(configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS"])
@@ -111,6 +120,7 @@ def _grad_tile(logits, lse, g, target, cols, EXPECTED: tl.constexpr):
 def _forward_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, max_ptr, sum_ptr, pick_ptr, R, V, H, stride_h, stride_w,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -123,9 +133,9 @@ def _forward_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
-        logits = _logits_tile(
+        logits, slope = _logits_tile(
             h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
-            HAS_BIAS, ACC, DOT, PREC, BLOCK_R, BLOCK_V, BLOCK_H,
+            HAS_BIAS, ACC, DOT, PREC, SCALE, SOFTCAP, BLOCK_R, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         new_max = tl.maximum(run_max, tl.max(logits, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows of only -inf logits so far
@@ -146,7 +156,8 @@ def _forward_kernel(
 def _hidden_kernel(
     g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, out_ptr, R, V, H, stride_h, stride_w,
     EXPECTED: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    PREC: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
@@ -159,11 +170,11 @@ def _hidden_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
-        logits = _logits_tile(
+        logits, slope = _logits_tile(
             h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
-            HAS_BIAS, ACC, DOT, PREC, BLOCK_R, BLOCK_V, BLOCK_H,
+            HAS_BIAS, ACC, DOT, PREC, SCALE, SOFTCAP, BLOCK_R, BLOCK_V, BLOCK_H,
         )  # fmt: skip
-        grad = _grad_tile(logits, lse, g, target, cols, EXPECTED).to(DOT)
+        grad = _grad_tile(logits, slope, lse, g, target, cols, EXPECTED).to(DOT)
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
         for k0 in range(0, H, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
@@ -184,8 +195,8 @@ def _hidden_kernel(
 def _weight_kernel(
     g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, dw_ptr, db_ptr, R, V, H, stride_h, stride_w,
     NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
@@ -197,11 +208,11 @@ def _weight_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
         target = tl.load(t_ptr + rows, mask=row_ok, other=-1)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        logits = _logits_tile(
+        logits, slope = _logits_tile(
             h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
-            HAS_BIAS, ACC, DOT, PREC, BLOCK_R, BLOCK_V, BLOCK_H,
+            HAS_BIAS, ACC, DOT, PREC, SCALE, SOFTCAP, BLOCK_R, BLOCK_V, BLOCK_H,
         )  # fmt: skip
-        grad = _grad_tile(logits, lse, g, target, cols, False)
+        grad = _grad_tile(logits, slope, lse, g, target, cols, False)
         if NEED_BIAS:
             col_sum += tl.sum(grad, 0)
         if NEED_WEIGHT:
@@ -247,18 +258,19 @@ def _check(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor)
     require_targets(targets, hidden.shape[0])
 
 
-def _common(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> dict:
+def _common(hidden: Tensor, bias: Tensor | None, softcap: float | None, logit_scale: float) -> dict:
     return dict(
         HAS_BIAS=bias is not None,
         ACC=tl_acc(hidden.dtype),
         DOT=tl_dot_dtype(hidden.dtype),
         PREC=dot_precision(hidden.dtype),
+        **head_constants(softcap, logit_scale),
     )
 
 
 def _hidden_pass(
     grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
-    expected: bool, splits: int | None,
+    expected: bool, splits: int | None, softcap: float | None, logit_scale: float,
 ) -> Tensor:  # fmt: skip
     """``G @ W`` over the whole vocabulary, ``[R, H]`` in the accumulation dtype."""
     (r, h), v = hidden.shape, weight.shape[0]
@@ -269,7 +281,8 @@ def _hidden_pass(
     grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), s)
     _hidden_kernel[grid](
         grad, hidden, weight, weight if bias is None else bias, targets, lse, out,
-        r, v, h, hidden.stride(0), weight.stride(0), EXPECTED=expected, **_common(hidden, weight, bias),
+        r, v, h, hidden.stride(0), weight.stride(0), EXPECTED=expected,
+        **_common(hidden, bias, softcap, logit_scale),
     )  # fmt: skip
     return out if s == 1 else out.sum(0)
 
@@ -281,10 +294,14 @@ def linear_logprobs_fwd(
     targets: Tensor,
     chunk_size: int,
     compute_expected: bool,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     splits: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(logp [R], lse [R], expected [R, H] or [0])`` in the accumulation dtype (contract of
-    ``torch_chunked``); ``chunk_size`` is ignored, ``splits`` overrides the vocabulary split."""
+    ``torch_chunked``); ``chunk_size`` is ignored, ``splits`` overrides the vocabulary split.
+    ``softcap`` / ``logit_scale`` are compile-time constants of the kernels (one compilation per
+    value: a model has one)."""
     _check(hidden, weight, bias, targets)
     hidden, weight, targets = row_major(hidden), row_major(weight), targets.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -298,13 +315,13 @@ def linear_logprobs_fwd(
     grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), s)
     _forward_kernel[grid](
         hidden, weight, weight if bias is None else bias, targets, run_max, run_sum, picked,
-        r, v, h, hidden.stride(0), weight.stride(0), **_common(hidden, weight, bias),
+        r, v, h, hidden.stride(0), weight.stride(0), **_common(hidden, bias, softcap, logit_scale),
     )  # fmt: skip
     lse = torch.logsumexp(run_max + run_sum.log(), dim=0)  # combine the splits: [splits, R] -> [R]
     # targets are trusted (no host sync to check them): one outside [0, V) picked nothing, so NaN
     logp = torch.where((targets >= 0) & (targets < v), picked.sum(0) - lse, float("nan"))
     if compute_expected:
-        expected = _hidden_pass(lse, hidden, weight, bias, targets, lse, True, splits)
+        expected = _hidden_pass(lse, hidden, weight, bias, targets, lse, True, splits, softcap, logit_scale)
     return logp, lse, expected
 
 
@@ -319,6 +336,8 @@ def linear_logprobs_bwd(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     splits: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_hidden, d_weight, d_bias)`` in the input dtypes, empty ``[0]`` where not needed."""
@@ -332,7 +351,9 @@ def linear_logprobs_bwd(
     d_hidden = hidden.new_empty(0)
     if need_hidden:
         d_hidden = (
-            _hidden_pass(grad, hidden, weight, bias, targets, lse, False, splits).to(hidden.dtype)
+            _hidden_pass(grad, hidden, weight, bias, targets, lse, False, splits, softcap, logit_scale).to(
+                hidden.dtype
+            )
             if r
             else torch.empty_like(hidden)
         )
@@ -345,7 +366,7 @@ def linear_logprobs_bwd(
             _weight_kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_V"]),)](
                 grad, hidden, weight, weight if bias is None else bias, targets, lse, dw, db,
                 r, v, h, hidden.stride(0), weight.stride(0),
-                NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, **_common(hidden, weight, bias),
+                NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, **_common(hidden, bias, softcap, logit_scale),
             )  # fmt: skip
         if need_weight:
             d_weight = dw.to(weight.dtype)

@@ -95,6 +95,54 @@ def require_targets(targets: Tensor, rows: int) -> None:
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
 
 
+@triton.jit
+def tanh_sech2(x):
+    """``(tanh(x), 1 - tanh(x)^2)`` in ``x``'s float dtype from ``tl.exp`` (the interpreter has no
+    libdevice), as ``tanh_vectorizable`` of ``csrc/napo_math.h``. With ``e = exp(-2|x|)``: tanh is
+    ``(1 - e) / (1 + e)`` where ``1 - e`` does not cancel, below that the Taylor series
+    ``x (1 + x^2 P(x^2))`` to x^19 (float32: exact to 1e-8 below 0.625; float64 needs the smaller
+    range, 1e-24 below 0.1); ``1 - tanh^2 = 4 e / (1 + e)^2`` keeps its relative precision where
+    tanh saturates."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)  # 0 for |x| = inf: tanh = +-1, sech2 = 0
+    large = (1.0 - e) / (1.0 + e)
+    sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
+    limit: tl.constexpr = 0.625 if x.dtype == tl.float32 else 0.1
+    b = tl.minimum(a, limit)  # the series only where it is used (no overflow beyond)
+    s = b * b
+    p = s * (-443861162.0 / 1856156927625.0) + 6404582.0 / 10854718875.0
+    p = p * s - 929569.0 / 638512875.0
+    p = p * s + 21844.0 / 6081075.0
+    p = p * s - 1382.0 / 155925.0
+    p = p * s + 62.0 / 2835.0
+    p = p * s - 17.0 / 315.0
+    p = p * s + 2.0 / 15.0
+    p = p * s - 1.0 / 3.0
+    small = b + b * s * p
+    t = tl.where(a < limit, small, large)  # NaN: large is NaN
+    return tl.where(x < 0, -t, t), sech2
+
+
+@triton.jit
+def head_logits(raw, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """``(z, dz/draw)`` of the head's logits from raw ``h W^T + b`` (as the maps of
+    ``csrc/napo_math.h``): ``z = SCALE * raw``, then with ``SOFTCAP > 0``
+    ``z = SOFTCAP * tanh(z / SOFTCAP)``. Both are compile-time constants, so a plain head (1, 0)
+    compiles to exactly the plain kernel; the slope is then the constant 1."""
+    if SOFTCAP > 0:
+        t, sech2 = tanh_sech2(raw * (SCALE / SOFTCAP))
+        return t * SOFTCAP, SCALE * sech2
+    elif SCALE != 1.0:
+        return raw * SCALE, SCALE
+    else:
+        return raw, 1.0
+
+
+def head_constants(softcap: float | None, logit_scale: float) -> dict:
+    """The ``SCALE`` / ``SOFTCAP`` constexprs of :func:`head_logits` (``SOFTCAP = 0``: none)."""
+    return dict(SCALE=float(logit_scale), SOFTCAP=float(softcap) if softcap is not None else 0.0)
+
+
 def row_major(x: Tensor) -> Tensor:
     """``x`` with a unit stride in its last dimension (the kernels take one stride per row)."""
     return x if x.stride(-1) == 1 else x.contiguous()
