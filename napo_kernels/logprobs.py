@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -82,6 +85,18 @@ def _scored_rows(
     return mask, targets.long(), seq[mask]
 
 
+def _positive(name: str, value: object, allow_none: bool = False) -> float | None:
+    """A head constant (``softcap``, ``logit_scale``): a finite number > 0 (or None if allowed)."""
+    if value is None and allow_none:
+        return None
+    what = "None or a finite number > 0" if allow_none else "a finite number > 0"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return float(value)
+
+
 def _describe_sequence(index: int, out_shape: tuple[int, ...]) -> str:
     if len(out_shape) <= 1:
         return f"sequence {index}"
@@ -144,9 +159,12 @@ def sequence_logprobs(
     memory_budget: int | None = None,
     backend: str = "auto",
     check_finite: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
-    """Per-sequence log-probability ``s = sum_t log softmax(h_t W^T + b)[y_t]`` without
-    materialising more than one ``[chunk, V]`` block of logits.
+    """Per-sequence log-probability ``s = sum_t log softmax(z_t)[y_t]`` of the head's logits
+    ``z_t = logit_scale * (h_t W^T + b)`` (soft-capped to ``softcap * tanh(z_t / softcap)`` when
+    ``softcap`` is given), without materialising more than one ``[chunk, V]`` block of logits.
 
     Args:
         hidden: last hidden states, ``[..., T, H]`` (structured) or ``[N, H]`` rows (packed).
@@ -163,6 +181,11 @@ def sequence_logprobs(
         chunk_size: rows per chunk; default from ``memory_budget`` bytes of fp32 logits.
         backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
         check_finite: scan ``hidden``/``weight``/``bias`` for NaN/inf first (one extra read).
+        softcap: the final logit soft cap of Gemma 2 style heads (``config.final_logit_softcapping``),
+            ``None`` (no cap) or a finite number > 0.
+        logit_scale: a finite multiplier > 0 of the logits, applied before the cap: Cohere's
+            ``config.logit_scale``, Granite's ``1 / config.logits_scaling``, ``1 / T`` to score at a
+            temperature ``T``.
 
     Returns:
         ``[...]`` (structured) or ``[num_sequences]`` (packed) scores in float32 (float64 for
@@ -195,6 +218,8 @@ def sequence_logprobs(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     checks.require_chunk_size(chunk_size)
+    softcap = _positive("softcap", softcap, allow_none=True)
+    logit_scale = _positive("logit_scale", logit_scale)
     if check_finite:
         for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
             checks.require_finite(name, x)
@@ -209,7 +234,9 @@ def sequence_logprobs(
     if rows.shape[0] == 0:
         row_logps = rows.new_zeros(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     else:
-        row_logps = linear_logprobs(rows, weight, bias, targets, chunk, compute_expected, name)[0]
+        row_logps = linear_logprobs(
+            rows, weight, bias, targets, chunk, compute_expected, name, softcap, logit_scale
+        )[0]
     return _reduce(row_logps, rows_seq, num, reduction, sequence_mask, out_shape)
 
 

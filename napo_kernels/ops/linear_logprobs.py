@@ -1,12 +1,17 @@
 """Stage 1 as ``torch.library`` custom ops: per-row log-probs of a linear projection, chunked.
 
-``napo_kernels::linear_logprobs`` returns ``(logp [R], lse [R], expected [R, H] or [0])``. Its
-hand-written backward has two shapes (see docs/design.md):
+``napo_kernels::linear_logprobs`` returns ``(logp [R], lse [R], expected [R, H] or [0])`` of the
+head's logits ``z = logit_scale * (h W^T + b)``, soft-capped to ``softcap * tanh(z / softcap)`` when
+``softcap`` is given. Its hand-written backward has two shapes (see docs/design.md):
 
 - trainable ``lm_head``: ``napo_kernels::linear_logprobs_backward`` recomputes each logits chunk
   from the saved ``lse`` and produces the hidden, weight and bias gradients;
-- frozen ``lm_head`` (``compute_expected=True``): the forward also returns ``E = softmax(logits) W``,
-  so ``d hidden_r = g_r (W[y_r] - E_r)`` needs no vocabulary work in the backward.
+- frozen ``lm_head`` (``compute_expected=True``): the forward also returns
+  ``E = sum_v softmax(z)_v (dz_v / draw_v) W_v`` (``softmax(z) W`` for a plain head), so
+  ``d hidden_r = g_r (c_r W[y_r] - E_r)`` needs no vocabulary work in the backward. The target's
+  slope ``c_r = dz_y / draw_y`` is ``logit_scale`` without a cap, and with one
+  ``logit_scale / cosh^2(logit_scale raw_y / softcap)`` from the target's raw logit
+  ``raw_y = h_r . W[y_r] + b[y_r]`` (one dot product per row).
 """
 
 from __future__ import annotations
@@ -27,18 +32,21 @@ def linear_logprobs(
     chunk_size: int,
     compute_expected: bool,
     backend: str,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``(logp, lse, expected)`` of ``hidden @ weight^T (+ bias)`` on ``backend``.
+    """Per-row ``(logp, lse, expected)`` of the head's logits on ``backend`` (module docstring).
 
-    Inputs are trusted: ``targets`` must lie in ``[0, V)`` (not re-checked here; the public API
-    validates labels, see ``napo_kernels.kernels.torch_chunked``)."""
+    Inputs are trusted: ``targets`` must lie in ``[0, V)``, ``softcap`` be None or > 0 and
+    ``logit_scale`` > 0 (not re-checked here; the public API validates them, see
+    ``napo_kernels.kernels.torch_chunked``)."""
     return dispatch.kernels(backend).linear_logprobs_fwd(
-        hidden, weight, bias, targets, chunk_size, compute_expected
+        hidden, weight, bias, targets, chunk_size, compute_expected, softcap, logit_scale
     )
 
 
 @linear_logprobs.register_fake
-def _(hidden, weight, bias, targets, chunk_size, compute_expected, backend):
+def _(hidden, weight, bias, targets, chunk_size, compute_expected, backend, softcap=None, logit_scale=1.0):
     return fakes.linear_logprobs_fwd(hidden, compute_expected)
 
 
@@ -55,50 +63,69 @@ def linear_logprobs_backward(
     need_weight: bool,
     need_bias: bool,
     backend: str,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_hidden, d_weight, d_bias)`` of ``sum(grad * logp)``; inputs trusted as in the forward."""
     return dispatch.kernels(backend).linear_logprobs_bwd(
-        grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias
-    )
+        grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias,
+        softcap, logit_scale,
+    )  # fmt: skip
 
 
 @linear_logprobs_backward.register_fake
-def _(grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias, backend):
+def _(
+    grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias, backend,
+    softcap=None, logit_scale=1.0,
+):  # fmt: skip
     return fakes.linear_logprobs_bwd(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, targets, chunk_size, compute_expected, backend = inputs
+    hidden, weight, bias, targets, chunk_size, compute_expected, backend, softcap, logit_scale = inputs
     _, lse, expected = output
     ctx.chunk_size, ctx.compute_expected, ctx.backend = chunk_size, compute_expected, backend
+    ctx.softcap, ctx.logit_scale = softcap, logit_scale
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, bias, targets, lse, expected)
+
+
+def _target_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, acc, ctx) -> Tensor:
+    """``c_r W[y_r]`` in the accumulation dtype: the target's term of ``d logp_r / d h_r``."""
+    w_y = weight[targets].to(acc)
+    if ctx.softcap is not None:
+        raw = (hidden.to(acc) * w_y).sum(-1)
+        if bias is not None:
+            raw = raw + bias[targets].to(acc)
+        # 1 - tanh^2 = 1 / cosh^2: keeps its precision where tanh saturates
+        slope = torch.cosh(raw * (ctx.logit_scale / ctx.softcap)).square_().reciprocal_()
+        return w_y * (ctx.logit_scale * slope)[:, None]
+    return w_y * ctx.logit_scale if ctx.logit_scale != 1.0 else w_y
 
 
 def _backward(ctx, grad_logp, grad_lse, grad_expected):
     hidden, weight, bias, targets, lse, expected = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    nothing = (None,) * 6  # targets, chunk_size, compute_expected, backend, softcap, logit_scale
     if grad_logp is None:
-        return None, None, None, None, None, None, None
+        return None, None, None, *nothing
     grad = grad_logp.to(lse.dtype)
     if ctx.compute_expected and not (need_weight or need_bias):
-        # frozen lm_head: d s_r / d h_r = W[y_r] - E_r, no vocabulary work
+        # frozen lm_head: d s_r / d h_r = c_r W[y_r] - E_r, no vocabulary work
         d_hidden = None
         if need_hidden:
-            d_hidden = (grad[:, None] * (weight[targets].to(expected.dtype) - expected)).to(hidden.dtype)
-        return d_hidden, None, None, None, None, None, None
+            target_rows = _target_rows(hidden, weight, bias, targets, lse.dtype, ctx)
+            d_hidden = (grad[:, None] * (target_rows - expected)).to(hidden.dtype)
+        return d_hidden, None, None, *nothing
     d_hidden, d_weight, d_bias = linear_logprobs_backward(
         grad, hidden, weight, bias, targets, lse, ctx.chunk_size,
-        need_hidden, need_weight, need_bias and ctx.has_bias, ctx.backend,
+        need_hidden, need_weight, need_bias and ctx.has_bias, ctx.backend, ctx.softcap, ctx.logit_scale,
     )  # fmt: skip
     return (
         d_hidden if need_hidden else None,
         d_weight if need_weight else None,
         d_bias if need_bias and ctx.has_bias else None,
-        None,
-        None,
-        None,
-        None,
+        *nothing,
     )
 
 
