@@ -35,6 +35,9 @@ TWIN_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-5, torc
 GRAD_TWIN_RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 SETTINGS = settings(max_examples=30, deadline=None)
+# (softcap, logit_scale): a plain head, scale only (Cohere, Granite), Gemma 2's cap, a cap that
+# saturates tanh at these logits, both
+HEADS = [(None, 1.0), (None, 0.37), (30.0, 1.0), (1.5, 1.0), (2.0, 2.5)]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -51,8 +54,10 @@ def _problem(rows, width, vocab, dtype, with_bias, seed, scale=1.0):
     return hidden, weight, bias, targets, grad
 
 
-def _truth(hidden, weight, bias, targets, grad):
-    """float64 ground truth from the reference: logp, lse, expected and the three gradients."""
+def _truth(hidden, weight, bias, targets, grad, head=(None, 1.0)):
+    """float64 ground truth from the reference: logp, lse, expected and the three gradients, for a
+    head ``(softcap, logit_scale)``."""
+    softcap, scale = head
     h = hidden.double().requires_grad_(True)
     w = weight.double().requires_grad_(True)
     # a zero bias when there is none: its gradient is what the op returns for need_bias without a bias
@@ -60,10 +65,15 @@ def _truth(hidden, weight, bias, targets, grad):
         bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
     ).requires_grad_()
     # one-token sequences [R, 1]: the reference scores are then per-row log-probs
-    logp = reference.sequence_scores(h[:, None], w, targets[:, None], b)
-    logits = h @ w.T + b
-    lse = torch.logsumexp(logits, -1)
-    expected = torch.softmax(logits, -1) @ w
+    logp = reference.sequence_scores(h[:, None], w, targets[:, None], b, softcap=softcap, logit_scale=scale)
+    with torch.no_grad():
+        z = (h @ w.T + b) * scale
+        slope = torch.full_like(z, scale)  # dz / draw
+        if softcap is not None:
+            slope = scale * (1 - torch.tanh(z / softcap) ** 2)
+            z = softcap * torch.tanh(z / softcap)
+        lse = torch.logsumexp(z, -1)
+        expected = (torch.softmax(z, -1) * slope) @ w
     logp.backward(grad.double())
     return dict(
         logp=logp.detach(), lse=lse.detach(), expected=expected.detach(),
@@ -112,19 +122,22 @@ shapes = dict(
     with_bias=st.booleans(),
     dtype=st.sampled_from(FLOATS),
     seed=st.integers(0, 2**16),
+    head=st.sampled_from(HEADS),
 )
 
 
 @pytest.mark.slow  # many hypothesis examples
 @SETTINGS
 @given(**shapes, compute_expected=st.booleans())
-def test_linear_forward(tile, rows, width, vocab, chunk_extra, with_bias, dtype, seed, compute_expected):
+def test_linear_forward(
+    tile, rows, width, vocab, chunk_extra, with_bias, dtype, seed, head, compute_expected
+):
     chunk = 1 + chunk_extra % (rows + 3)  # 1 .. rows + 3
-    hidden, weight, bias, targets, _ = _problem(rows, width, vocab, dtype, with_bias, seed)
+    hidden, weight, bias, targets, _ = _problem(rows, width, vocab, dtype, with_bias, seed, scale=2.0)
     with vocab_tile(tile):
-        got = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, compute_expected)
-    twin = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, compute_expected)
-    truth = _truth(hidden, weight, bias, targets, torch.zeros(rows, dtype=_acc(dtype)))
+        got = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, compute_expected, *head)
+    twin = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, compute_expected, *head)
+    truth = _truth(hidden, weight, bias, targets, torch.zeros(rows, dtype=_acc(dtype)), head)
     for g, t in zip(got[:2], twin[:2]):
         _close_twin(g, t, dtype, TWIN_TOL[dtype])
     assert got[2].shape == ((rows, width) if compute_expected else (0,)) and got[2].dtype == _acc(dtype)
@@ -142,16 +155,16 @@ def test_linear_forward(tile, rows, width, vocab, chunk_extra, with_bias, dtype,
 @pytest.mark.slow  # many hypothesis examples
 @SETTINGS
 @given(**shapes, need=st.tuples(st.booleans(), st.booleans(), st.booleans()))
-def test_linear_backward(tile, rows, width, vocab, chunk_extra, with_bias, dtype, seed, need):
+def test_linear_backward(tile, rows, width, vocab, chunk_extra, with_bias, dtype, seed, head, need):
     chunk = 1 + chunk_extra % (rows + 3)
     need_hidden, need_weight, need_bias = need
-    hidden, weight, bias, targets, grad = _problem(rows, width, vocab, dtype, with_bias, seed)
-    lse = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, False)[1]
-    args = (grad, hidden, weight, bias, targets, lse, chunk, need_hidden, need_weight, need_bias)
+    hidden, weight, bias, targets, grad = _problem(rows, width, vocab, dtype, with_bias, seed, scale=2.0)
+    lse = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, False, *head)[1]
+    args = (grad, hidden, weight, bias, targets, lse, chunk, need_hidden, need_weight, need_bias, *head)
     with vocab_tile(tile):
         got = cpp.linear_logprobs_bwd(*args)
     twin = torch_chunked.linear_logprobs_bwd(*args)
-    truth = _truth(hidden, weight, bias, targets, grad)
+    truth = _truth(hidden, weight, bias, targets, grad, head)
     names = ("d_hidden", "d_weight", "d_bias")
     for name, wanted, g, t in zip(names, need, got, twin):
         if not wanted:
@@ -238,11 +251,12 @@ def test_preference_matches_torch_and_reference(batch, pool, agg, dtype, seed):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("head", [(None, 1.0), (None, 0.37), (1.5, 2.5)], ids=["plain", "scale", "cap"])
 @pytest.mark.parametrize("tile", [None, 4, 12])  # untiled; 4 tiles in one chunk; 2 tiles x 3 chunks
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_gradcheck_linear(with_bias, frozen, tile):
-    hidden, weight, bias, targets, _ = _problem(7, 5, 13, torch.float64, with_bias, seed=3)
+def test_gradcheck_linear(with_bias, frozen, tile, head):
+    hidden, weight, bias, targets, _ = _problem(7, 5, 13, torch.float64, with_bias, seed=3, scale=2.0)
     hidden.requires_grad_(True)
     if not frozen:
         weight.requires_grad_(True)
@@ -250,7 +264,7 @@ def test_gradcheck_linear(with_bias, frozen, tile):
             bias.requires_grad_(True)
 
     def f(h, w, b):
-        return linear_logprobs(h, w, b, targets, 3, frozen, "cpp")[0]
+        return linear_logprobs(h, w, b, targets, 3, frozen, "cpp", *head)[0]
 
     with vocab_tile(tile):
         assert torch.autograd.gradcheck(f, (hidden, weight, bias))
@@ -340,6 +354,71 @@ def test_vocab_tiles_follow_a_moving_row_max(dtype):
         assert torch.isfinite(g).all()
         _close_twin(g, t, dtype, GRAD_TWIN_RTOL[dtype])
     assert (got[2][:, :4] == 0).all() and (got[2][:, 10:15] == 0).all()  # masked: probability 0
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_softcap_tanh_and_slope_within_a_few_ulps(isa, monkeypatch):
+    """The row loops' vectorised float tanh (napo_math.h): with one vocabulary entry and a weight
+    of 1, lse is the capped logit cap * tanh(x / cap) itself and the frozen head's expected row is
+    its slope 1 - tanh^2; both against float64, from tiny to saturated arguments."""
+    monkeypatch.setenv("NAPO_KERNELS_CPU_ISA", isa)
+    x = torch.cat(
+        [torch.linspace(-12.0, 12.0, 48001), torch.logspace(-9, 0, 2000), -torch.logspace(-9, 0, 2000)]
+    )
+    x = x.float()[:, None]
+    targets = torch.zeros(len(x), dtype=torch.long)
+    _, lse, slope = cpp.linear_logprobs_fwd(x, torch.ones(1, 1), None, targets, 4096, True, 1.0, 1.0)
+    t = torch.tanh(x[:, 0].double())
+    ulp = torch.finfo(torch.float32).eps * t.abs().clamp(min=torch.finfo(torch.float32).tiny)
+    assert ((lse.double() - t).abs() <= 2 * ulp).all(), ((lse.double() - t).abs() / ulp).max()
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(slope[:, 0].double(), 1 - t**2, rtol=4 * eps, atol=2 * eps)
+    # a scale folds into the argument and the slope
+    _, lse, slope = cpp.linear_logprobs_fwd(x, torch.ones(1, 1), None, targets, 4096, True, 1.0, 2.5)
+    t = torch.tanh(2.5 * x[:, 0].double())
+    torch.testing.assert_close(lse.double(), t, rtol=2 * eps, atol=eps)
+    torch.testing.assert_close(slope[:, 0].double(), 2.5 * (1 - t**2), rtol=4 * eps, atol=8 * eps)
+    # a wider cap: |z| up to 30, where one unit in the last place of z is 2e-6 (the softmax's
+    # exp(z - lse) inherits it: here it should be exactly 1)
+    _, lse, slope = cpp.linear_logprobs_fwd(x, torch.ones(1, 1), None, targets, 4096, True, 30.0, 2.5)
+    t = torch.tanh(2.5 * x[:, 0].double() / 30.0)
+    ulp30 = 32 * eps
+    torch.testing.assert_close(lse.double(), 30.0 * t, rtol=2 * eps, atol=eps)
+    torch.testing.assert_close(slope[:, 0].double(), 2.5 * (1 - t**2), rtol=2 * ulp30, atol=8 * eps)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("head", [(30.0, 1.0), (5.0, 0.5), (None, 0.5)], ids=["cap", "cap+scale", "scale"])
+@pytest.mark.parametrize("tile", [None, 16])
+def test_softcap_huge_logits_stay_finite(dtype, head, tile):
+    """Raw logits of +-1e4 (fp16 holds them; exp of their spread overflows): every output and
+    gradient finite on both loops, float64 equal to the reference, float32 close to it."""
+    hidden, weight, bias, targets, grad = _problem(9, 8, 101, torch.float64, True, seed=2)
+    hidden = hidden * 1e4 / (hidden @ weight.T).abs().max()
+    hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+    grad = grad.to(_acc(dtype))
+    assert (hidden.double() @ weight.double().T + bias.double()).abs().max() > 9e3
+    with vocab_tile(tile):
+        logp, lse, expected = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 4, True, *head)
+        d = cpp.linear_logprobs_bwd(grad, hidden, weight, bias, targets, lse, 4, True, True, True, *head)
+    for x in (logp, lse, expected, *d):
+        assert torch.isfinite(x).all()
+    truth = _truth(hidden, weight, bias, targets, grad, head)
+    t_logp, t_lse, t_expected = torch_chunked.linear_logprobs_fwd(
+        hidden, weight, bias, targets, 4, True, *head
+    )
+    t_grads = torch_chunked.linear_logprobs_bwd(
+        grad, hidden, weight, bias, targets, t_lse, 4, True, True, True, *head
+    )
+    twin = (t_logp, t_expected, *t_grads)
+    names = ("logp", "expected", "d_hidden", "d_weight", "d_bias")
+    for name, got, want, low in zip(names, (logp, expected, *d), (truth[n] for n in names), twin):
+        if dtype == torch.float64:
+            assert _err(got, want) <= 1e-10 * max(want.abs().max().item(), 1.0) * (
+                1e4 if name == "logp" else 1
+            )
+        else:  # raw logits ~1e4 carry absolute rounding ~1e4 * eps: no worse than the torch backend
+            _no_worse(got, low, want, dtype, margin=1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_fp16_frozen_head_tiles_do_not_overflow():
@@ -500,8 +579,10 @@ def _opcheck_cases():
     return [
         (ops.linear_logprobs_fwd, (hidden, weight, bias, targets, 4, True)),
         (ops.linear_logprobs_fwd, (hidden, weight, None, targets, 2, False)),
+        (ops.linear_logprobs_fwd, (hidden, weight, bias, targets, 4, True, 2.0, 0.5)),
         (ops.linear_logprobs_bwd, (grad, hidden, weight, bias, targets, lse, 4, True, True, True)),
         (ops.linear_logprobs_bwd, (grad, hidden, weight, None, targets, lse, 3, True, False, False)),
+        (ops.linear_logprobs_bwd, (grad, hidden, weight, bias, targets, lse, 4, True, True, True, 2.0, 0.5)),
         (ops.logits_logprobs_fwd, (logits, targets)),
         (ops.logits_logprobs_bwd, (grad, logits, targets, lse)),
         (ops.preference_fwd, (chosen, rejected, select, coef, margin, 0)),
@@ -509,7 +590,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -534,6 +615,10 @@ def test_errors():
         cpp.linear_logprobs_fwd(hidden, weight, bias[:4], targets, 2, False)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 0, False)
+    with pytest.raises(ValueError, match="softcap must be None or finite and > 0, got 0"):
+        cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 2, False, 0.0)
+    with pytest.raises(ValueError, match="logit_scale must be finite and > 0, got -1"):
+        cpp.linear_logprobs_bwd(grad, hidden, weight, bias, targets, grad, 2, True, True, True, None, -1.0)
     with pytest.raises(TypeError, match="targets must have dtype"):
         cpp.linear_logprobs_fwd(hidden, weight, bias, targets.int(), 2, False)
     with pytest.raises(TypeError, match="hidden must be float16"):

@@ -81,14 +81,17 @@ def stage1_problem(dtype: torch.dtype, seed: int = 0):
     return hidden, weight, bias, labels_for(s, gen)
 
 
-def stage1_run(impl: str, hidden, weight, bias, labels, cast: torch.dtype, frozen: bool) -> list:
+def stage1_run(
+    impl: str, hidden, weight, bias, labels, cast: torch.dtype, frozen: bool, softcap=None, logit_scale=1.0
+) -> list:
     """Scores and the gradients of ``sum(upstream * scores)`` (hidden only when ``frozen``)."""
     h = hidden.detach().to(cast).requires_grad_()
     w, b = (x.detach().to(cast).requires_grad_(not frozen) for x in (weight, bias))
+    head = dict(softcap=softcap, logit_scale=logit_scale)
     if impl == "reference":
-        scores = reference.sequence_scores(h, w, labels, b)
+        scores = reference.sequence_scores(h, w, labels, b, **head)
     else:
-        scores = nk.sequence_logprobs(h, w, labels, b, backend=impl)
+        scores = nk.sequence_logprobs(h, w, labels, b, backend=impl, **head)
     live = [x for x in (h, w, b) if x.requires_grad]
     return [scores, *torch.autograd.grad((scores * upstream(scores)).sum(), live)]
 
@@ -106,6 +109,25 @@ def test_sequence_logprobs_gpu(backend, dtype, frozen):
     for name, g, lo, tr in zip(("scores", "d_hidden", "d_weight", "d_bias"), got, lowp, truth):
         assert g.dtype == (torch.float32 if name == "scores" else dtype), name
         check(g, tr, lo, dtype, f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("head", [(30.0, 1.0), (None, 0.0625), (10.0, 2.0)], ids=["gemma2", "cohere", "both"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_softcap_and_logit_scale_gpu(backend, dtype, frozen, head):
+    """Soft-capped and scaled heads: the CUDA row passes (napo_math.h's maps) and the Triton kernels'
+    compile-time variants against the reference, values and gradients. The logits are scaled up so
+    that the cap of 10 saturates tanh for part of the vocabulary."""
+    require(backend)
+    hidden, weight, bias, labels = stage1_problem(dtype, seed=5)
+    weight = weight * 6
+    got = stage1_run(backend, hidden, weight, bias, labels, dtype, frozen, *head)
+    lowp = stage1_run("torch", hidden, weight, bias, labels, dtype, frozen, *head)
+    truth = stage1_run("reference", hidden, weight, bias, labels, torch.float64, frozen, *head)
+    for name, g, lo, tr in zip(("scores", "d_hidden", "d_weight", "d_bias"), got, lowp, truth):
+        assert torch.isfinite(g).all(), name
+        check(g, tr, lo, dtype, f"{backend} {dtype} {head} {name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

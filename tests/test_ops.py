@@ -40,11 +40,15 @@ def test_opcheck_stage1(backend, dtype):
     # trainable head (recompute backward) and frozen head (expected-embedding backward)
     assert_opcheck(linear_logprobs, (hidden, weight, bias, targets, 3, False, backend))
     assert_opcheck(linear_logprobs, (hidden, weight.detach(), None, targets, 4, True, backend))
+    # a soft-capped, scaled head (Gemma 2 / Cohere): the same, with the two float arguments
+    assert_opcheck(linear_logprobs, (hidden, weight, bias, targets, 3, False, backend, 2.0, 0.5))
+    assert_opcheck(linear_logprobs, (hidden, weight.detach(), None, targets, 4, True, backend, 2.0, 0.5))
     _, lse, _ = linear_logprobs(hidden.detach(), weight.detach(), bias.detach(), targets, 3, False, backend)
     grad = torch.randn(r, generator=gen).to(lse.dtype)
     for needs in [(True, True, True), (True, False, False), (False, True, False)]:
         args = (grad, hidden.detach(), weight.detach(), bias.detach(), targets, lse, 3, *needs, backend)
         assert_opcheck(linear_logprobs_backward, args)
+        assert_opcheck(linear_logprobs_backward, (*args, 3.0, 1.5))
     logits = torch.randn(r, v, generator=gen).to(dtype).requires_grad_(True)
     assert_opcheck(logits_logprobs, (logits, targets, 2, backend))
     _, lse = logits_logprobs(logits.detach(), targets, 2, backend)

@@ -91,24 +91,38 @@ def linear_problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16, 
     targets = torch.randint(0, v, (r,), generator=gen)
     grad = randn(gen, r).to(acc_of(dtype))
     splits = draw(st.sampled_from([1, 2, 5]))  # 5 > tiles when V <= 128: some splits own no tile
-    return hidden, weight, bias, targets, grad, splits
+    return hidden, weight, bias, targets, grad, splits, draw(st.sampled_from(HEADS))
 
 
-def reference_rows(hidden, weight, bias, targets):
+# (softcap, logit_scale): a plain head, scale only (Cohere, Granite), Gemma 2's cap, a cap that
+# saturates tanh at these logits, both
+HEADS = [(None, 1.0), (None, 0.37), (30.0, 1.0), (1.5, 1.0), (2.0, 2.5)]
+
+
+def reference_rows(hidden, weight, bias, targets, head=(None, 1.0)):
     """Per-row log-probs from ``reference.sequence_scores`` (each row a one-token sequence)."""
-    return reference.sequence_scores(hidden[:, None, :], weight, targets[:, None], bias)
+    softcap, scale = head
+    return reference.sequence_scores(
+        hidden[:, None, :], weight, targets[:, None], bias, softcap=softcap, logit_scale=scale
+    )
 
 
-def linear_truth(hidden, weight, bias, targets, grad):
-    """float64 ``(logp, lse, expected, d_hidden, d_weight, d_bias)`` from the reference."""
+def linear_truth(hidden, weight, bias, targets, grad, head=(None, 1.0)):
+    """float64 ``(logp, lse, expected, d_hidden, d_weight, d_bias)`` from the reference, for a head
+    ``(softcap, logit_scale)``; ``expected = sum_v softmax(z)_v (dz_v / draw_v) W_v``."""
+    softcap, scale = head
     h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
     b = None if bias is None else bias.double().requires_grad_()
-    logp = reference_rows(h, w, b, targets)
+    logp = reference_rows(h, w, b, targets, head)
     d = torch.autograd.grad((logp * grad.double()).sum(), [h, w] + ([b] if b is not None else []))
     with torch.no_grad():
-        logits = h @ w.T + (0 if b is None else b)
+        logits = (h @ w.T + (0 if b is None else b)) * scale
+        slope = torch.full_like(logits, scale)
+        if softcap is not None:
+            slope = scale * (1 - torch.tanh(logits / softcap) ** 2)
+            logits = softcap * torch.tanh(logits / softcap)
         lse = torch.logsumexp(logits, -1)
-        expected = torch.softmax(logits, -1) @ w
+        expected = (torch.softmax(logits, -1) * slope) @ w
     d_bias = d[2] if b is not None else None
     return logp.detach(), lse, expected, d[0], d[1], d_bias
 
@@ -117,21 +131,23 @@ def linear_truth(hidden, weight, bias, targets, grad):
 @FAST
 @given(problem=linear_problems())
 def test_linear_kernels_match_reference(problem):
-    hidden, weight, bias, targets, grad, splits = problem
+    hidden, weight, bias, targets, grad, splits, head = problem
     dtype = hidden.dtype
     hidden, weight, targets, grad = hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), grad.to(DEVICE)
     bias = None if bias is None else bias.to(DEVICE)
-    truth = [None if x is None else x.cpu() for x in linear_truth(hidden, weight, bias, targets, grad)]
-    logp, lse, expected = tlin.linear_logprobs_fwd(hidden, weight, bias, targets, 7, True, splits=splits)
+    truth = [None if x is None else x.cpu() for x in linear_truth(hidden, weight, bias, targets, grad, head)]
+    logp, lse, expected = tlin.linear_logprobs_fwd(
+        hidden, weight, bias, targets, 7, True, *head, splits=splits
+    )
     need_bias = bias is not None
     d = tlin.linear_logprobs_bwd(
-        grad, hidden, weight, bias, targets, lse, 7, True, True, need_bias, splits=splits
+        grad, hidden, weight, bias, targets, lse, 7, True, True, need_bias, *head, splits=splits
     )
     lowp = [None] * 6
     if dtype in LOW:  # the torch backend in the same precision: the bar for the low-precision rule
-        lp, ls, ex = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, 7, True)
+        lp, ls, ex = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, 7, True, *head)
         lowp = [lp, ls, ex, *torch_chunked.linear_logprobs_bwd(grad, hidden, weight, bias, targets, ls, 7,
-                                                                 True, True, need_bias)]  # fmt: skip
+                                                                 True, True, need_bias, *head)]  # fmt: skip
     outputs = [logp, lse, expected, *d]
     names = ("logp", "lse", "expected", "d_hidden", "d_weight", "d_bias")
     want_dtypes = [acc_of(dtype)] * 3 + [dtype] * 3
@@ -141,7 +157,7 @@ def test_linear_kernels_match_reference(problem):
             continue
         assert got.dtype == want_dtype, f"{name}: dtype {got.dtype}, expected {want_dtype}"
         low = None if low is None else low.cpu()
-        check(got.cpu(), want, dtype, f"{name} ({dtype}, splits={splits})", low)
+        check(got.cpu(), want, dtype, f"{name} ({dtype}, splits={splits}, head={head})", low)
 
 
 def test_linear_backward_only_what_is_needed():
@@ -195,6 +211,36 @@ def test_linear_huge_logits_stay_finite():
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_linear_softcap_huge_logits_stay_finite(dtype):
+    """Raw logits of +-1e4 (fp16 holds them) under Gemma 2's cap, with and without a scale: every
+    output and gradient finite, float64 equal to the reference, lower precisions no worse than the
+    torch backend in the same dtype."""
+    gen = torch.Generator().manual_seed(7)
+    hidden, weight, bias = randn(gen, 19, 12), randn(gen, 45, 12), randn(gen, 45)
+    hidden = hidden * 1e4 / (hidden @ weight.T).abs().max()
+    hidden, weight, bias = (x.to(dtype) for x in (hidden, weight, bias))
+    targets, grad = torch.randint(0, 45, (19,), generator=gen), randn(gen, 19).to(acc_of(dtype))
+    assert float((hidden.double() @ weight.double().T).abs().max()) > 9e3
+    for head in ((30.0, 1.0), (5.0, 0.5)):
+        logp, lse, expected = tk.linear_logprobs_fwd(hidden, weight, bias, targets, 1, True, *head)
+        d = tk.linear_logprobs_bwd(grad, hidden, weight, bias, targets, lse, 1, True, True, True, *head)
+        truth = linear_truth(hidden, weight, bias, targets, grad, head)
+        low = [None] * 6
+        if dtype != torch.float64:  # raw logits ~1e4 carry ~1e4 eps of rounding: twice the torch backend's
+            lp, ls, ex = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, 1, True, *head)
+            low = [lp, ls, ex, *torch_chunked.linear_logprobs_bwd(grad, hidden, weight, bias, targets, ls, 1,
+                                                                  True, True, True, *head)]  # fmt: skip
+        names = ("logp", "lse", "expected", "d_hidden", "d_weight", "d_bias")
+        for name, got, want, bar in zip(names, (logp, lse, expected, *d), truth, low):
+            assert torch.isfinite(got).all(), f"{name} {head}"
+            if dtype == torch.float64:
+                check(got, want, dtype, f"{name} {head}")
+            else:
+                margin = 2 * torch.finfo(dtype).eps * max(1.0, float(want.abs().max()))
+                assert err(got, want) <= 2 * err(bar, want) + margin, f"{name} {head} {dtype}"
+
+
 def test_linear_huge_bias_with_padding_rows():
     """A bias of 200 makes exp(bias) overflow float32 in the padding rows of a row block (h = 0
     there): they must contribute exactly nothing, not inf * 0 = NaN, to d_weight and d_bias."""
@@ -211,9 +257,11 @@ def test_linear_huge_bias_with_padding_rows():
         check(g, want, torch.float32, name)
 
 
-def test_gradcheck_fused_op_float64():
+@pytest.mark.parametrize("head", [(None, 1.0), (None, 0.37), (1.5, 2.5)], ids=["plain", "scale", "cap"])
+def test_gradcheck_fused_op_float64(head):
     """``napo_kernels::linear_logprobs`` on the triton backend: trainable (recompute backward) and
-    frozen (``expected`` forward) paths, shapes crossing the 16/32/16 interpreter tiles."""
+    frozen (``expected`` forward) paths, shapes crossing the 16/32/16 interpreter tiles, for a plain,
+    a scaled and a soft-capped head."""
     from napo_kernels.ops.linear_logprobs import linear_logprobs
 
     gen = torch.Generator().manual_seed(3)
@@ -223,10 +271,10 @@ def test_gradcheck_fused_op_float64():
     targets = torch.randint(0, 37, (17,), generator=gen)
 
     def trainable(h, w, b):
-        return linear_logprobs(h, w, b, targets, 5, False, "triton")[0]
+        return linear_logprobs(h, w, b, targets, 5, False, "triton", *head)[0]
 
     def frozen(h):
-        return linear_logprobs(h, weight.detach(), bias.detach(), targets, 5, True, "triton")[0]
+        return linear_logprobs(h, weight.detach(), bias.detach(), targets, 5, True, "triton", *head)[0]
 
     assert torch.autograd.gradcheck(trainable, (hidden, weight, bias), fast_mode=True)
     assert torch.autograd.gradcheck(frozen, (hidden,), fast_mode=True)
@@ -438,7 +486,7 @@ from napo_kernels.kernels.triton.aot import compile_all
 results = compile_all((90,), quick=True, dtypes=(torch.bfloat16,), progress=False)
 for r in results:
     print(r.row())
-assert len(results) == 6 and all(r.fits for r in results)
+assert len(results) == 10 and all(r.fits for r in results)  # 8 stage-1 (plain, soft-capped), 2 logits
 """
 
 
