@@ -8,6 +8,7 @@ a (shared) negative pool; :func:`napo_loss` does both.
 
 from .config import METHODS, LossConfig
 from .dispatch import BackendInfo, backends
+from .heads import LMHead, UnsupportedHeadError, lm_head_of, trust_lm_head
 from .logprobs import choose_chunk_size, sequence_logprobs, sequence_logprobs_from_logits
 from .losses import PreferenceLoss, napo_loss, preference_loss
 from .margin import DynamicMargin
@@ -19,13 +20,17 @@ __all__ = [
     "METHODS",
     "BackendInfo",
     "DynamicMargin",
+    "LMHead",
     "LossConfig",
     "PreferenceLoss",
     "PreferenceOutput",
+    "UnsupportedHeadError",
     "backends",
     "choose_chunk_size",
+    "lm_head_of",
     "napo_loss",
     "preference_loss",
     "sequence_logprobs",
     "sequence_logprobs_from_logits",
+    "trust_lm_head",
 ]
