@@ -7,6 +7,12 @@
 // (contracts as in csrc/cpu/row_kernels.h: the GEMMs write raw logits, the passes map them to the
 // head's logits of `spec`, scale and soft cap). The CPU build instantiates it with the CPU passes, so
 // the CPU tests also cover the loop the CUDA build runs. Targets are trusted (arg_checks.h).
+//
+// fp16 holds at most 65504: where `Passes::kWideHalf` (the CPU), fp16 operands are converted to fp32
+// and the logits block and every product run in fp32, as the Triton kernels keep their tiles (an
+// fp16 GEMM output overflows to inf beyond 65504). bf16 has fp32's range and stays bf16. The CUDA
+// passes keep fp16 blocks for now (cuBLAS would need an fp32-output product and fp16 copies of the
+// probabilities).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,7 +24,19 @@
 
 namespace napo {
 
-// logits = hidden @ weight^T (+ bias), in the input dtype, written into `out`.
+// Whether fp16 inputs run their products and logits in fp32 (see above).
+template <class Passes>
+bool wide_half(const at::Tensor& hidden) {
+  return Passes::kWideHalf && hidden.scalar_type() == at::kHalf;
+}
+
+// An operand of the products: converted to fp32 for a wide fp16 problem, else x itself.
+inline at::Tensor operand(const at::Tensor& x, bool wide) { return wide ? x.to(at::kFloat) : x; }
+inline std::optional<at::Tensor> operand(const std::optional<at::Tensor>& x, bool wide) {
+  return x.has_value() ? std::optional<at::Tensor>(operand(*x, wide)) : std::nullopt;
+}
+
+// logits = hidden @ weight^T (+ bias), in the operands' dtype, written into `out`.
 inline void chunk_logits(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias) {
   if (bias.has_value())
@@ -80,21 +98,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
   auto [logp, lse, expected] = linear_fwd_outputs(hidden, compute_expected);
   if (rows == 0) return {logp, lse, expected};
 
-  // One [chunk, V] block in the input dtype is reused by every chunk (and becomes the softmax).
-  at::Tensor block = at::empty({std::min(chunk_size, rows), vocab}, hidden.options());
-  const bool acc_is_input = acc.dtype() == hidden.dtype();
+  // One [chunk, V] block in the products' dtype is reused by every chunk (and becomes the softmax).
+  // Wide fp16: the weight converted once (the CPU takes this loop only when V fits one tile).
+  const bool wide = wide_half<Passes>(hidden);
+  const at::Tensor w = operand(weight, wide);
+  const std::optional<at::Tensor> b = operand(bias, wide);
+  at::Tensor block = at::empty({std::min(chunk_size, rows), vocab}, w.options());
+  const bool acc_is_input = acc.dtype() == w.dtype();
   for (int64_t lo = 0; lo < rows; lo += chunk_size) {
     const int64_t n = std::min(chunk_size, rows - lo);
     at::Tensor logits = block.narrow(0, 0, n);
-    chunk_logits(logits, hidden.narrow(0, lo, n), weight, bias);
+    chunk_logits(logits, operand(hidden.narrow(0, lo, n), wide), w, b);
     Passes::logprob_rows(logits, compute_expected ? logits : at::Tensor(), targets.narrow(0, lo, n),
                          logp.narrow(0, lo, n), lse.narrow(0, lo, n), spec);
     if (compute_expected) {
       at::Tensor out = expected.narrow(0, lo, n);
       if (acc_is_input)
-        at::mm_out(out, logits, weight);
-      else  // fp16/bf16: the GEMM runs in the input dtype (as the torch backend), stored in fp32
-        out.copy_(at::mm(logits, weight));
+        at::mm_out(out, logits, w);
+      else  // bf16: the GEMM runs in the input dtype (as the torch backend), stored in fp32
+        out.copy_(at::mm(logits, w));
     }
   }
   return {logp, lse, expected};
@@ -114,28 +136,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous(), grad = grad_in.contiguous(), lse = lse_in.contiguous();
-  const bool acc_is_input = acc.dtype() == hidden.dtype();
+  const bool wide = wide_half<Passes>(hidden);
+  const at::Tensor w = operand(weight, wide);
+  const std::optional<at::Tensor> b = operand(bias, wide);
+  const bool acc_is_input = acc.dtype() == w.dtype();  // the products run in the accumulation dtype
 
   auto [d_hidden, d_weight, d_bias] = linear_grads_begin(hidden, weight, need_hidden, need_weight, need_bias);
 
   if (rows > 0 && (need_hidden || need_weight || need_bias)) {
-    at::Tensor block = at::empty({std::min(chunk_size, rows), vocab}, hidden.options());
+    at::Tensor block = at::empty({std::min(chunk_size, rows), vocab}, w.options());
     for (int64_t lo = 0; lo < rows; lo += chunk_size) {
       const int64_t n = std::min(chunk_size, rows - lo);
-      const at::Tensor h = hidden.narrow(0, lo, n);
+      const at::Tensor h = operand(hidden.narrow(0, lo, n), wide);
       at::Tensor g = block.narrow(0, 0, n);
-      chunk_logits(g, h, weight, bias);
+      chunk_logits(g, h, w, b);
       // in place: the logits chunk becomes grad_r * (onehot - softmax) * dz/draw, the bias gradient is summed
       Passes::logit_grad_rows(g, g, targets.narrow(0, lo, n), grad.narrow(0, lo, n), lse.narrow(0, lo, n),
                               need_bias ? d_bias : at::Tensor(), spec);
       if (need_hidden) {
         at::Tensor out = d_hidden.narrow(0, lo, n);
-        at::mm_out(out, g, weight);
+        if (wide)
+          out.copy_(at::mm(g, w));  // rounded to fp16 once
+        else
+          at::mm_out(out, g, w);
       }
       if (need_weight) {
         if (!acc_is_input)
           d_weight.add_(at::mm(g.t(), h));
-        else if (lo == 0)
+        else if (lo == 0 && !wide)  // fp32/fp64: the first chunk writes it (wide fp16: zero-filled)
           at::mm_out(d_weight, g.t(), h);
         else
           d_weight.addmm_(g.t(), h);

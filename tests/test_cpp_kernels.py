@@ -421,6 +421,59 @@ def test_softcap_huge_logits_stay_finite(dtype, head, tile):
             _no_worse(got, low, want, dtype, margin=1e-5 if dtype == torch.float32 else 2e-2)
 
 
+def _fp16_beyond_range(rows, width, vocab, seed):
+    """fp16 inputs whose logits lie near 8e4, beyond fp16's largest value (65504), a few units
+    apart (a softmax that is neither flat nor one-hot): every hidden state carries 2000 and every
+    weight row 40 in the first coordinate, the other coordinates are ordinary."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, width, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, width, generator=g, dtype=torch.float64) * (2 / width**0.5)
+    hidden[:, 0], weight[:, 0] = 2000.0, 40.0
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    grad = torch.randn(rows, generator=g)
+    return hidden.half(), weight.half(), bias.half(), targets, grad
+
+
+def assert_fp32_logits_accuracy(got, truth, logits_max, scale, what):
+    """fp32 logits near ``logits_max`` carry rounding of ``u = 2^-24 logits_max`` (the log-sum-exp
+    too: a softmax from them sums to 1 within a few u); ``scale`` is the factor through which a logit
+    error reaches the output. Allowed: 8 u scale, plus the output's own fp16 rounding."""
+    u = 2.0**-24 * logits_max
+    bound = 8 * u * scale + torch.finfo(torch.float16).eps * truth.abs().max().item()
+    assert torch.isfinite(got).all(), what
+    assert _err(got, truth) <= bound, (what, _err(got, truth), bound)
+
+
+@pytest.mark.parametrize("tile", [None, 64], ids=["row-chunks", "vocab-tiles"])
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_fp16_logits_beyond_65504_stay_finite_and_accurate(tile, chunk):
+    """An fp16 GEMM output overflows to inf beyond 65504 (the plain fp16 computation below gives
+    NaN); both CPU loops keep fp16 logits, and the products that read them, in fp32, so the
+    log-probs, the frozen head's expected hidden state and the trainable head's three gradients
+    match the float64 ground truth to the precision fp32 logits have at that size, like the torch
+    backend's."""
+    hidden, weight, bias, targets, grad = _fp16_beyond_range(9, 24, 300, seed=chunk)
+    raw = hidden.double() @ weight.double().T + bias.double()
+    assert raw.min() > 7e4 and not torch.isfinite(torch.log_softmax((hidden @ weight.T).float(), -1)).all()
+    truth = _truth(hidden, weight, bias, targets, grad)
+    big, g_max = raw.abs().max().item(), grad.abs().max().item()
+    w_max, h_max = weight.abs().max().item(), hidden.abs().max().item()
+    with vocab_tile(tile):
+        for name, mod in (("cpp", cpp), ("torch", torch_chunked)):
+            logp, lse, expected = mod.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, True)
+            d_h, d_w, d_b = mod.linear_logprobs_bwd(
+                grad, hidden, weight, bias, targets, lse, chunk, True, True, True
+            )
+            assert (d_h.dtype, d_w.dtype, d_b.dtype) == (torch.float16,) * 3
+            assert_fp32_logits_accuracy(logp, truth["logp"], big, 1.0, f"{name} logp")
+            assert_fp32_logits_accuracy(lse, truth["lse"], big, 1.0, f"{name} lse")
+            assert_fp32_logits_accuracy(expected, truth["expected"], big, w_max, f"{name} expected")
+            assert_fp32_logits_accuracy(d_h, truth["d_hidden"], big, g_max * w_max, f"{name} d_hidden")
+            assert_fp32_logits_accuracy(d_w, truth["d_weight"], big, g_max * h_max, f"{name} d_weight")
+            assert_fp32_logits_accuracy(d_b, truth["d_bias"], big, g_max, f"{name} d_bias")
+
+
 def test_fp16_frozen_head_tiles_do_not_overflow():
     """fp16 holds at most 65504: a tile's product of unnormalised probabilities (up to 1 each) with
     weights of 200 would reach 512 * 200; the tiled forward keeps them normalised instead."""

@@ -37,6 +37,8 @@ void with_format(at::ScalarType t, Fn&& fn) {
 }
 
 struct CpuPasses {
+  static constexpr bool kWideHalf = true;  // fp16 products and logits in fp32 (chunked_linear.h)
+
   static void logprob_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
                            at::Tensor logp, at::Tensor lse, const LogitSpec& spec) {
     with_format(logits.scalar_type(), [&](auto format) {
@@ -52,8 +54,7 @@ struct CpuPasses {
 
   static void logprob_tile_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
                                 int64_t offset, at::Tensor run_max, at::Tensor run_sum,
-                                at::Tensor target_logit, at::Tensor scale, bool normalize,
-                                const LogitSpec& spec) {
+                                at::Tensor target_logit, at::Tensor scale, const LogitSpec& spec) {
     with_format(logits.scalar_type(), [&](auto format) {
       using F = decltype(format);
       using T = typename F::storage;
@@ -62,8 +63,8 @@ struct CpuPasses {
                                 probs.defined() ? static_cast<T*>(probs.mutable_data_ptr()) : nullptr,
                                 logits.size(0), logits.size(1), offset, targets.const_data_ptr<int64_t>(),
                                 run_max.mutable_data_ptr<Acc>(), run_sum.mutable_data_ptr<Acc>(),
-                                target_logit.mutable_data_ptr<Acc>(), scale.mutable_data_ptr<Acc>(),
-                                normalize, spec, team_size());
+                                target_logit.mutable_data_ptr<Acc>(), scale.mutable_data_ptr<Acc>(), spec,
+                                team_size());
     });
   }
 

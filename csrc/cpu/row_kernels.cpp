@@ -92,10 +92,9 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
 template <class F>
 void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width,
                        int64_t offset, const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum,
-                       AccOf<F>* target_logit, AccOf<F>* scale, bool normalize, const LogitSpec& spec,
-                       int threads) {
+                       AccOf<F>* target_logit, AccOf<F>* scale, const LogitSpec& spec, int threads) {
   NAPO_DISPATCH_ISA(logprob_tile_rows, logits, probs, rows, width, offset, targets, run_max, run_sum,
-                    target_logit, scale, normalize);
+                    target_logit, scale);
 }
 
 template <class F>
@@ -150,7 +149,7 @@ int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* sele
   template void logprob_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, const int64_t*, AccOf<F>*, \
                                 AccOf<F>*, const LogitSpec&, int);                                           \
   template void logprob_tile_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t,              \
-                                     const int64_t*, AccOf<F>*, AccOf<F>*, AccOf<F>*, AccOf<F>*, bool,       \
+                                     const int64_t*, AccOf<F>*, AccOf<F>*, AccOf<F>*, AccOf<F>*,             \
                                      const LogitSpec&, int);                                                 \
   template void logit_grad_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t,                \
                                    const int64_t*, const AccOf<F>*, const AccOf<F>*, AccOf<F>*,              \

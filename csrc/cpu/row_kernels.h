@@ -27,14 +27,11 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
 // full rows: merges the tile into the running (run_max, run_sum) of each row, sets target_logit[r]
 // when y_r falls in the tile, writes exp(z - new max) * dz/draw into `probs` when not null (may be `logits`)
 // and scale[r] = exp(old max - new max) (1 when the max did not move): the factor by which anything
-// summed against the old max must be multiplied. With `normalize`, probs are exp(x - max) / sum
-// (the softmax so far, at most 1 in total: no fp16 overflow in a product with the weights) and
-// scale also carries old sum / new sum. After the last tile lse = max + log(sum).
+// summed against the old max must be multiplied. After the last tile lse = max + log(sum).
 template <class F>
 void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width,
                        int64_t offset, const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum,
-                       AccOf<F>* target_logit, AccOf<F>* scale, bool normalize, const LogitSpec& spec,
-                       int threads);
+                       AccOf<F>* target_logit, AccOf<F>* scale, const LogitSpec& spec, int threads);
 
 // Backward over a [rows, vocab] block whose column 0 is vocabulary entry `offset` (0 for whole
 // rows, the tile start for a vocabulary tile):

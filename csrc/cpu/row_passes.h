@@ -86,11 +86,10 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
 // online forward: merges the tile into each row's running (max, sum), picks up the target's logit
 // when it falls in the tile, writes exp(x - new max) into `probs` when not null (may be `logits`)
 // and scale[r] = exp(old max - new max), the factor for whatever was summed against the old max.
-// `normalize`: probs are also divided by the new sum and scale carries old sum / new sum.
 template <class F, class M>
 void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width,
                        int64_t offset, const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum,
-                       AccOf<F>* target_logit, AccOf<F>* scale, bool normalize, M map, int threads) {
+                       AccOf<F>* target_logit, AccOf<F>* scale, M map, int threads) {
   using T = Storage<F>;
   using Acc = AccOf<F>;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * width >= kParallelMin && rows > 1)
@@ -102,11 +101,7 @@ void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows
     const Acc old_max = run_max[r], old_sum = run_sum[r];
     const LsePair<Acc> merged = lse_merge(LsePair<Acc>{old_max, old_sum}, tile);
     // equal maxima (including both -inf: nothing summed yet) need no rescaling
-    Acc s = merged.max == old_max ? Acc(1) : exp_acc(old_max - merged.max);
-    // normalised: the probabilities so far are relative to the new sum (nothing summed: stay 0)
-    const Acc inv_sum = normalize && merged.sum > Acc(0) ? Acc(1) / merged.sum : Acc(1);
-    if (normalize && merged.sum > Acc(0)) s = s * old_sum * inv_sum;
-    scale[r] = s;
+    scale[r] = merged.max == old_max ? Acc(1) : exp_acc(old_max - merged.max);
     run_max[r] = merged.max;
     run_sum[r] = merged.sum;
     const int64_t y = targets[r] - offset;
@@ -123,7 +118,7 @@ void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows
       for (int64_t v = 0; v < width; ++v) {
         Acc slope;
         const Acc z = map.value(F::load(x[v]), slope);
-        p[v] = F::store(softmax_prob(z, m) * slope * inv_sum);
+        p[v] = F::store(softmax_prob(z, m) * slope);
       }
     }
   }

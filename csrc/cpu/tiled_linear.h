@@ -8,11 +8,12 @@
 //
 // Forward: an online log-sum-exp over the tiles of a row (running max and sum, napo_math.h). With a
 // frozen head the expected hidden state sum_v softmax_v W_v is summed unnormalised against the
-// running max; a row whose max moves is rescaled first, and the sum is divided at the end (fp16:
-// kept normalised by the running sum, so that no partial product can overflow).
+// running max; a row whose max moves is rescaled first, and the sum is divided at the end.
 // Backward: the tile's logits are recomputed and turned into their gradient with the row's final
 // lse; the weight gradient of a tile is written once per row chunk, the hidden gradient summed
 // over tiles (in fp32 for fp16/bf16, rounded once per chunk as in the untiled loop).
+// fp16 (chunked_linear.h, wide_half): the hidden chunk is converted to fp32 once per chunk, each
+// weight tile once per chunk and tile, and every product of the tile runs in fp32.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -83,29 +84,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(
   // NaN until a tile holds the target: an out-of-range target (never checked) leaves logp = NaN
   at::Tensor target_logit = at::full({rows}, std::numeric_limits<double>::quiet_NaN(), acc);
   at::Tensor scale = at::empty({block_rows(plan, rows)}, acc);
-  at::Tensor block = at::empty({block_rows(plan, rows) * plan.width}, hidden.options());
-  const bool acc_is_input = acc.dtype() == hidden.dtype();
-  // fp16 (largest value 65504): a tile's product with unnormalised probabilities (up to 1 each) can
-  // overflow, so they are kept normalised by the running sum (one more rescale per tile and row)
-  const bool normalize = compute_expected && hidden.scalar_type() == at::kHalf;
+  const bool wide = wide_half<Passes>(hidden);
+  const auto gemm = hidden.options().dtype(wide ? acc.dtype() : hidden.dtype());
+  at::Tensor block = at::empty({block_rows(plan, rows) * plan.width}, gemm);
+  const bool acc_is_input = acc.dtype() == gemm.dtype();  // the products run in the accumulation dtype
   for (int64_t lo = 0; lo < rows; lo += plan.rows) {
     const int64_t n = std::min(plan.rows, rows - lo);
-    const at::Tensor h = hidden.narrow(0, lo, n);
+    const at::Tensor h = operand(hidden.narrow(0, lo, n), wide);
     at::Tensor out = compute_expected ? expected.narrow(0, lo, n) : at::Tensor();
     for (int64_t v0 = 0; v0 < vocab; v0 += plan.width) {
       const int64_t w = std::min(plan.width, vocab - v0);
-      const at::Tensor wt = weight.narrow(0, v0, w);
+      const at::Tensor wt = operand(weight.narrow(0, v0, w), wide);
       at::Tensor logits = block.narrow(0, 0, n * w).view({n, w});
-      chunk_logits(logits, h, wt, bias_tile(bias, v0, w));
+      chunk_logits(logits, h, wt, operand(bias_tile(bias, v0, w), wide));
       // in place: the logits become exp(z - running max) * dz/draw when the frozen head needs them
       Passes::logprob_tile_rows(logits, compute_expected ? logits : at::Tensor(), targets.narrow(0, lo, n),
                                 v0, run_max.narrow(0, lo, n), run_sum.narrow(0, lo, n),
-                                target_logit.narrow(0, lo, n), scale.narrow(0, 0, n), normalize, spec);
+                                target_logit.narrow(0, lo, n), scale.narrow(0, 0, n), spec);
       if (!compute_expected) continue;
       if (v0 == 0) {
         if (acc_is_input)
           at::mm_out(out, logits, wt);
-        else  // fp16/bf16: each tile's product in the input dtype (as the untiled loop), summed in fp32
+        else  // bf16: each tile's product in the input dtype (as the untiled loop), summed in fp32
           out.copy_(at::mm(logits, wt));
         continue;
       }
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(
   }
   at::add_out(lse, run_max, run_sum.log());  // max + log(sum); -inf for a row of -inf logits
   at::sub_out(logp, target_logit, lse);
-  if (compute_expected && !normalize) expected.div_(run_sum.unsqueeze(1));
+  if (compute_expected) expected.div_(run_sum.unsqueeze(1));
   return {logp, lse, expected};
 }
 
@@ -130,25 +130,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(
   const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous(), grad = grad_in.contiguous(), lse = lse_in.contiguous();
-  const bool acc_is_input = acc.dtype() == hidden.dtype();
+  const bool wide = wide_half<Passes>(hidden);
+  const auto gemm = hidden.options().dtype(wide ? acc.dtype() : hidden.dtype());
+  const bool acc_is_input = acc.dtype() == gemm.dtype();  // the products run in the accumulation dtype
+  const bool hidden_is_acc = acc.dtype() == hidden.dtype();
 
   auto [d_hidden, d_weight, d_bias] = linear_grads_begin(hidden, weight, need_hidden, need_weight, need_bias);
   if (rows > 0 && (need_hidden || need_weight || need_bias)) {
     const int64_t max_rows = block_rows(plan, rows);
-    at::Tensor block = at::empty({max_rows * plan.width}, hidden.options());
+    at::Tensor block = at::empty({max_rows * plan.width}, gemm);
     // fp16/bf16: a chunk's hidden gradient is summed over the tiles in fp32
-    at::Tensor dh_sum = need_hidden && !acc_is_input ? at::empty({max_rows, width}, acc) : at::Tensor();
+    at::Tensor dh_sum = need_hidden && !hidden_is_acc ? at::empty({max_rows, width}, acc) : at::Tensor();
     for (int64_t lo = 0; lo < rows; lo += plan.rows) {
       const int64_t n = std::min(plan.rows, rows - lo);
-      const at::Tensor h = hidden.narrow(0, lo, n);
-      at::Tensor dh = !need_hidden   ? at::Tensor()
-                      : acc_is_input ? d_hidden.narrow(0, lo, n)
-                                     : dh_sum.narrow(0, 0, n);
+      const at::Tensor h = operand(hidden.narrow(0, lo, n), wide);
+      at::Tensor dh = !need_hidden    ? at::Tensor()
+                      : hidden_is_acc ? d_hidden.narrow(0, lo, n)
+                                      : dh_sum.narrow(0, 0, n);
       for (int64_t v0 = 0; v0 < vocab; v0 += plan.width) {
         const int64_t w = std::min(plan.width, vocab - v0);
-        const at::Tensor wt = weight.narrow(0, v0, w);
+        const at::Tensor wt = operand(weight.narrow(0, v0, w), wide);
         at::Tensor g = block.narrow(0, 0, n * w).view({n, w});
-        chunk_logits(g, h, wt, bias_tile(bias, v0, w));
+        chunk_logits(g, h, wt, operand(bias_tile(bias, v0, w), wide));
         Passes::logit_grad_rows(g, g, targets.narrow(0, lo, n), grad.narrow(0, lo, n), lse.narrow(0, lo, n),
                                 need_bias ? d_bias.narrow(0, v0, w) : at::Tensor(), spec, v0);
         if (need_hidden) {
@@ -163,13 +166,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(
           at::Tensor dw = d_weight.narrow(0, v0, w);
           if (!acc_is_input)
             dw.add_(at::mm(g.t(), h));
-          else if (lo == 0)
+          else if (lo == 0 && hidden_is_acc)  // fp32/fp64: the first chunk writes it (fp16: zero-filled)
             at::mm_out(dw, g.t(), h);
           else
             dw.addmm_(g.t(), h);
         }
       }
-      if (need_hidden && !acc_is_input) d_hidden.narrow(0, lo, n).copy_(dh);
+      if (need_hidden && !hidden_is_acc) d_hidden.narrow(0, lo, n).copy_(dh);
     }
   }
   return linear_grads_end(d_hidden, d_weight, d_bias, weight, bias);

@@ -39,6 +39,8 @@ void check_launch(const char* error, const char* kernel) {
 }
 
 struct CudaPasses {
+  static constexpr bool kWideHalf = false;  // fp16 logits blocks stay fp16 here (chunked_linear.h)
+
   static void logprob_rows(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& targets,
                            at::Tensor logp, at::Tensor lse, const LogitSpec& spec) {
     const c10::cuda::CUDAGuard guard(logits.device());

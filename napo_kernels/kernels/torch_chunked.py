@@ -4,7 +4,8 @@ Every backend implements these five functions with the same contract (see ``napo
 
 - ``linear_logprobs_fwd(hidden [R,H], weight [V,H], bias [V]|None, targets [R], chunk_size,
   compute_expected, softcap=None, logit_scale=1.0) -> (logp [R], lse [R], expected [R,H] or [0])``
-  in the accumulation dtype (float64 for float64 inputs, float32 otherwise). The head's logits are
+  in the accumulation dtype (float64 for float64 inputs, float32 otherwise; fp16 logits are kept in
+  float32, beyond fp16's 65504, in every backend but ``cuda``). The head's logits are
   ``z = logit_scale * (h W^T + b)``, then with a ``softcap`` ``z = softcap * tanh(z / softcap)``;
   ``expected = sum_v softmax(z)_v (dz_v / draw_v) W_v`` (``softmax(z) @ W`` for a plain head) is what
   the frozen-``lm_head`` backward needs: ``d logp / d h = (dz_y / draw_y) W_y - expected``.
@@ -36,20 +37,59 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _wide(x: Tensor) -> bool:
+    """fp16 holds at most 65504: its logits (and the products that read them) are kept in fp32, as
+    the Triton kernels do (bf16 has float32's range and stays in bf16)."""
+    return x.dtype == torch.float16
+
+
+# torch.mm(..., out_dtype=torch.float32) multiplies fp16 operands into an fp32 output on CUDA (torch
+# >= 2.8); the CPU has no such product, so there the fp16 operands are converted to fp32 instead.
+_CUDA_OUT_DTYPE = [True]
+
+
+def _mm32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in fp32 for fp16 (or fp32) operands."""
+    if a.dtype == b.dtype == torch.float16 and a.is_cuda and _CUDA_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # an older torch: convert as on the CPU
+            _CUDA_OUT_DTYPE[0] = False
+    return a.float() @ b.float()
+
+
+def _gemm_weight(weight: Tensor) -> Tensor:
+    """The weight as the products read it: for fp16 on the CPU a float32 copy, made once per call
+    (a [V, H] temporary; the CPU has no fp16 product with an fp32 output); else itself."""
+    return weight.float() if _wide(weight) and not weight.is_cuda else weight
+
+
 def _logits(
     h: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype, softcap: float | None, scale: float
 ) -> tuple[Tensor, Tensor | float]:
     """The head's logits ``z`` in ``acc`` and ``dz/draw`` (a float when it is constant; with a
-    soft cap a second ``[chunk, V]`` block)."""
-    # One GEMM in the input dtype (fast path for bf16/fp16 on GPU), accumulated by the BLAS.
-    out = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-    z = out.to(acc)  # a fresh tensor (the GEMM's own for fp32/fp64): changed in place below
+    soft cap a second ``[chunk, V]`` block). ``weight`` is ``_gemm_weight``'s."""
+    if _wide(h):  # fp32 output: an fp16 one overflows to inf beyond 65504
+        out = _mm32(h, weight.T)
+        z = out if bias is None else out.add_(bias)
+    else:  # one GEMM in the input dtype (fast path for bf16 on GPU), accumulated by the BLAS
+        out = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+        z = out.to(acc)  # a fresh tensor (the GEMM's own for fp32/fp64): changed in place below
     if softcap is None:
         return (z.mul_(scale) if scale != 1.0 else z), scale
     u = z.mul_(scale / softcap)
     # dz/draw = scale (1 - tanh^2) = scale / cosh^2: keeps its precision where tanh saturates
     slope = torch.cosh(u).square_().reciprocal_().mul_(scale)
     return u.tanh_().mul_(softcap), slope
+
+
+def _product(block: Tensor, other: Tensor, dtype: torch.dtype) -> Tensor:
+    """``block @ other`` for a probabilities / gradient block in the accumulation dtype: fp16 in
+    fp32 (the block is rounded to fp16 first on CUDA, where the product takes fp16 operands), else
+    in the input ``dtype`` as the BLAS computes it."""
+    if dtype == torch.float16:
+        return _mm32(block.to(dtype) if other.is_cuda else block, other)
+    return block.to(dtype) @ other
 
 
 def _times(x: Tensor, slope: Tensor | float) -> Tensor:
@@ -72,15 +112,16 @@ def linear_logprobs_fwd(
     logp = hidden.new_empty(rows, dtype=acc)
     lse = hidden.new_empty(rows, dtype=acc)
     expected = hidden.new_empty((rows, h) if compute_expected else (0,), dtype=acc)
+    w = _gemm_weight(weight)
     for lo in range(0, rows, chunk_size):
         hi = min(lo + chunk_size, rows)
-        logits, slope = _logits(hidden[lo:hi], weight, bias, acc, softcap, logit_scale)
+        logits, slope = _logits(hidden[lo:hi], w, bias, acc, softcap, logit_scale)
         chunk_lse = torch.logsumexp(logits, dim=-1)
         lse[lo:hi] = chunk_lse
         logp[lo:hi] = logits.gather(1, targets[lo:hi, None]).squeeze(1) - chunk_lse
         if compute_expected:
             probs = logits.sub_(chunk_lse[:, None]).exp_()  # in place: one [chunk, V] block alive
-            expected[lo:hi] = _times(probs, slope).to(weight.dtype) @ weight
+            expected[lo:hi] = _product(_times(probs, slope), w, weight.dtype)
     return logp, lse, expected
 
 
@@ -106,20 +147,24 @@ def linear_logprobs_bwd(
     d_bias = (
         torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     )
+    w = _gemm_weight(weight)
     for lo in range(0, rows, chunk_size):
         hi = min(lo + chunk_size, rows)
-        logits, slope = _logits(hidden[lo:hi], weight, bias, acc, softcap, logit_scale)
+        logits, slope = _logits(hidden[lo:hi], w, bias, acc, softcap, logit_scale)
         # d s / d raw logits = (onehot - softmax) dz/draw, scaled by the upstream gradient of each row
         g = logits.sub_(lse[lo:hi, None]).exp_().mul_(-grad[lo:hi, None])
         g = _times(g.scatter_add_(1, targets[lo:hi, None], grad[lo:hi, None].to(acc)), slope)
-        g_in = g.to(weight.dtype)
         if need_hidden:
-            d_hidden[lo:hi] = (g_in @ weight).to(hidden.dtype)
+            d_hidden[lo:hi] = _product(g, w, weight.dtype).to(hidden.dtype)
         if need_weight:
-            if d_weight.dtype == g_in.dtype:
-                d_weight.addmm_(g_in.T, hidden[lo:hi])  # accumulate in place, no [V, H] temporary
+            if _wide(weight) and not weight.is_cuda:  # fp32 operands, summed in place in fp32
+                d_weight.addmm_(g.T, hidden[lo:hi].float())
+            elif _wide(weight):
+                d_weight.add_(_product(g.T, hidden[lo:hi], weight.dtype))
+            elif d_weight.dtype == weight.dtype:
+                d_weight.addmm_(g.to(weight.dtype).T, hidden[lo:hi])  # in place, no [V, H] temporary
             else:
-                d_weight.add_(g_in.T @ hidden[lo:hi])
+                d_weight.add_(g.to(weight.dtype).T @ hidden[lo:hi])
         if need_bias:
             d_bias.add_(g.sum(0))
     if need_weight:
