@@ -68,9 +68,10 @@ def _memory(tag: str, who: str, num: dict | None, napo: dict | None, bar: float)
     return [beyond]
 
 
-def judge(tables: list[dict], pool: dict | None) -> list[Bar]:
+def judge(tables: list[dict], pool: dict | None, trl: list[dict] | None = None) -> list[Bar]:
     """``tables``: the rec/dense results (``case``, ``variant``, ``napo``, ``rows``); ``pool``: the
-    pool-sharing measurement (``own`` and ``all`` rows) or None."""
+    pool-sharing measurement (``own`` and ``all`` rows) or None; ``trl``: the trl case's entries
+    (``shape``, ``rows``: stock TRL then the drop-in) or None."""
     bars: list[Bar] = []
     for t in tables:
         rows, v, case = t["rows"], t["variant"], t["case"]
@@ -114,6 +115,19 @@ def judge(tables: list[dict], pool: dict | None) -> list[Bar]:
             s2 = pool["stage2_ms"]
             b.detail += f"; stage 2 alone: {s2['own']:.2f} -> {s2['all']:.2f} ms"
         bars.append(b)
+    for entry in trl or []:
+        stock, fused = entry["rows"]
+        k = entry["shape"]["negatives"]
+        tag = f"trl K={k}: stock TRL{'' if k == 1 else ' (expanded pairs)'} / fused"
+        bar = 2.5 if k == 1 else 4
+        b = _at_least(f"{tag} time", stock, fused, "median_s", bar, "less time")
+        if entry.get("time_ratio") is not None and b.measured is not None:
+            # judged on the paired per-round ratio (robust to load drifts); the ratio of medians is shown
+            b.detail = f"ratio of medians {b.measured:.2f}x"
+            b.measured, b.passed = entry["time_ratio"], entry["time_ratio"] >= bar
+        bars.append(b)
+        if k == 1:
+            bars.append(_at_least(f"{tag} peak memory", stock, fused, "peak_bytes", 4, "less memory"))
     return bars
 
 

@@ -1,13 +1,17 @@
 """``python -m benchmarks``: how much time and memory napo-kernels saves on a preference-loss step.
 
-Cases (``--case``, default ``all`` = rec, dense, scaling):
+Cases (``--case``, default ``all`` = rec, dense, scaling; ``trl`` runs when named):
 
 - ``rec``: the LLM-recommender step of the issue (B = 8, K = 3 shared, 128 + 8 tokens, H = 1024,
   V = 32000, fp32), with a frozen (LoRA) and a trainable ``lm_head``;
 - ``dense``: pairwise DPO with every one of T = 256 tokens scored;
 - ``scaling``: pool size, vocabulary, scored tokens and napo-kernels' chunk size around the rec
   shape (frozen ``lm_head`` unless ``--variants`` says otherwise), plus the cost of growing the
-  shared pool from 3 to 93 negatives per prompt at the same forward work.
+  shared pool from 3 to 93 negatives per prompt at the same forward work;
+- ``trl``: one optimizer step of stock ``trl.DPOTrainer`` against the drop-in ``FusedDPOTrainer``
+  (``napo_kernels.integrations.trl``) on the same batch: a 4-layer Llama (H = 512, V = 32000),
+  4 prompts of 256 tokens, 16-token completions, a reference model, K = 1 and K = 3 (stock TRL on
+  the expanded pairs). Needs ``trl``; takes a few minutes on 2 cores.
 
 Writes a table per case, PASS/MISS per acceptance bar, ``--out/bench-<time>.json`` and a PNG per
 sweep. ``--quick`` runs tiny shapes in seconds (a smoke run: its ratios mean nothing).
@@ -20,7 +24,8 @@ import os
 import sys
 import time
 
-CASES = ("rec", "dense", "scaling")
+CASES = ("rec", "dense", "scaling", "trl")
+ALL_CASES = ("rec", "dense", "scaling")  # what ``all`` runs: trl needs the trl package and minutes
 SWEEPS = ("pool", "vocab", "tokens", "chunk")
 BASELINES = ("plain", "sliced", "compile", "liger", "cce", "bare")  # as in benchmarks.contenders
 
@@ -35,7 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--case", type=_csv, default=["all"], help="all, or a comma list of " + ", ".join(CASES))
+    p.add_argument(
+        "--case",
+        type=_csv,
+        default=["all"],
+        help=f"all ({', '.join(ALL_CASES)}), or a comma list of {', '.join(CASES)}",
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes, few runs: a smoke run in seconds")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG files")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -78,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replot", metavar="JSON", default=None,
                    help="only redraw the PNG plots of a saved run (its bench-*.json) and exit")  # fmt: skip
     args = p.parse_args(argv)
-    cases = CASES if "all" in args.case else tuple(args.case)
+    cases = ALL_CASES if "all" in args.case else tuple(args.case)
     bad = [c for c in cases if c not in CASES]
     if bad:
         p.error(f"--case: unknown {bad}; choose from all, {', '.join(CASES)}")

@@ -115,10 +115,12 @@ class Runner:
         for case in self.args.case:
             if case == "scaling":
                 self.run_scaling()
+            elif case == "trl":
+                self.run_trl()
             else:
                 self.run_table(case)
             write_json(self.json_path, self.payload)  # after every case: a crash keeps what was measured
-        judged = bars_mod.judge(self.payload["tables"], self.payload["pool"])
+        judged = bars_mod.judge(self.payload["tables"], self.payload["pool"], self.payload.get("trl"))
         self.payload["bars"] = bars_mod.as_dicts(judged)
         write_json(self.json_path, self.payload)
         self._print_summary(judged)
@@ -186,6 +188,13 @@ class Runner:
             )
             print(format_table(f"{case} | {shape.describe()}", rows, napo))
             print()
+
+    # ------------------------------------------------------------------------------------------
+    def run_trl(self) -> None:
+        from .trl_case import run_case
+
+        reps = self.args.repeats or (2 if self.quick else 5)
+        self.payload["trl"] = run_case(self.quick, reps, memory=not self.args.no_memory)
 
     # ------------------------------------------------------------------------------------------
     def run_scaling(self) -> None:
