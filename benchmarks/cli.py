@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="scaling: skip all-position baselines whose full logits would exceed this",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory probes")
+    p.add_argument(
+        "--busy-core",
+        action="store_true",
+        help="run next to a process that keeps one core busy (a spinning subprocess), and judge the "
+        "contention bars instead of the quiet-machine time bars",
+    )
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--replot", metavar="JSON", default=None,
                    help="only redraw the PNG plots of a saved run (its bench-*.json) and exit")  # fmt: skip

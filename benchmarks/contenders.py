@@ -182,7 +182,10 @@ def napo_strategy(shape: Shape, device: torch.device | str, backend: str = "cpp"
                 f" worked as {rows} rows x {cols}-column vocabulary tiles ({rows * cols * 4 / 2**20:.1f} MiB)"
             )
     if shape.trainable:
-        how = "trainable lm_head: logits recomputed in the backward for dH, dW (4 matrix products)"
+        how = (
+            "trainable lm_head: softmax(logits) @ W from the forward for dH, logits recomputed in the "
+            "backward for dW (4 matrix products)"
+        )
     else:
         how = "frozen lm_head: softmax(logits) @ W kept from the forward, no vocabulary work in the backward"
     return chunk, f"{block}; {how}"

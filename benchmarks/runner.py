@@ -4,6 +4,7 @@ the JSON and the plots. One :class:`Runner` per ``python -m benchmarks`` invocat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -16,6 +17,7 @@ import napo_kernels
 from napo_kernels import dispatch
 
 from . import bars as bars_mod
+from . import contention
 from .cases import VARIANTS, Shape, dense_shape, pool_bar_shapes, rec_shape, scaling_sweeps
 from .measure import Timed, first_line, probe_memory, time_contenders, time_stage2
 from .plots import plot_sweep
@@ -56,6 +58,8 @@ class Runner:
             "scaling": [],
             "pool": None,
             "bars": [],
+            "busy_core": bool(getattr(args, "busy_core", False)),
+            "load_average": {"start": contention.load_average()},
         }
 
     # ------------------------------------------------------------------------------------------
@@ -112,15 +116,19 @@ class Runner:
     # ------------------------------------------------------------------------------------------
     def run(self) -> None:
         self._print_header()
-        for case in self.args.case:
-            if case == "scaling":
-                self.run_scaling()
-            elif case == "trl":
-                self.run_trl()
-            else:
-                self.run_table(case)
-            write_json(self.json_path, self.payload)  # after every case: a crash keeps what was measured
+        with contention.BusyCore() if self.payload["busy_core"] else contextlib.nullcontext():
+            for case in self.args.case:
+                if case == "scaling":
+                    self.run_scaling()
+                elif case == "trl":
+                    self.run_trl()
+                else:
+                    self.run_table(case)
+                write_json(self.json_path, self.payload)  # after every case: a crash keeps what was measured
+        self.payload["load_average"]["end"] = contention.load_average()
         judged = bars_mod.judge(self.payload["tables"], self.payload["pool"], self.payload.get("trl"))
+        if self.payload["busy_core"]:  # quiet-machine time bars do not apply; memory does not depend on load
+            judged = contention.judge(self.payload["tables"]) + [b for b in judged if "memory" in b.name]
         self.payload["bars"] = bars_mod.as_dicts(judged)
         write_json(self.json_path, self.payload)
         self._print_summary(judged)
@@ -137,6 +145,10 @@ class Runner:
             for k, v in self.payload["backends"].items()
         )
         print(f"backends: {backs}")
+        if self.payload["busy_core"]:
+            print(
+                f"--busy-core: another process keeps one core busy; load average {_load_text(self.payload)}"
+            )
         print(
             f"napo-kernels contenders: {', '.join(self.napo_names) or 'none'}; ratios refer to {self.auto} "
             f"(the 'auto' choice on {self.device}); ratio columns are contender / napo-kernels\n"
@@ -372,6 +384,11 @@ class Runner:
             print("  " + b.line())
         if not judged:
             print("  (no bar applies to the cases run)")
+
+
+def _load_text(payload: dict) -> str:
+    load = payload["load_average"].get("start")
+    return "unknown" if load is None else " / ".join(f"{x:.2f}" for x in load) + " (1 / 5 / 15 min)"
 
 
 def _paired_ratio(num: list[float], den: list[float]) -> float | None:

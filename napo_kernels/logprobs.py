@@ -229,8 +229,8 @@ def sequence_logprobs(
     rows = hidden.reshape(-1, h)[mask]  # only scored positions cost vocabulary work
     name = resolve_backend(backend, hidden.device)
     chunk = chunk_size or choose_chunk_size(rows.shape[0], vocab, hidden.device, memory_budget)
-    frozen = not weight.requires_grad and not (bias is not None and bias.requires_grad)
-    compute_expected = frozen and rows.requires_grad and torch.is_grad_enabled()
+    # E = softmax W from the forward: the hidden gradient then needs no vocabulary work (frozen or not)
+    compute_expected = rows.requires_grad and torch.is_grad_enabled()
     if rows.shape[0] == 0:
         row_logps = rows.new_zeros(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     else:

@@ -139,6 +139,25 @@ def test_memory_bars_fall_back_only_when_the_gradients_exceed_the_budget() -> No
     assert judged["rec trainable: sliced / napo memory beyond returned grads"].passed is False  # 2x < 5x
 
 
+def test_busy_core_bars_and_spinner() -> None:
+    """``--busy-core``: the spinner runs only inside the block; its bars compare napo-kernels with
+    the torch backend and the bare products of the same (busy) run."""
+    from benchmarks import contention
+
+    with contention.BusyCore() as busy:
+        assert busy.proc.poll() is None  # spinning
+    assert busy.proc is None
+    rows = [_row("bare", 1.0, 0), _row("napo-torch", 1.2, 0), _row("napo-cpp", 1.4, 0)]
+    table = {"case": "rec", "variant": "frozen", "napo": "napo-cpp", "rows": rows}
+    dense = {**table, "case": "dense"}
+    judged = {b.name: b for b in contention.judge([table, dense])}
+    assert set(judged) == {"rec frozen, one core busy: napo / torch backend",
+                           "rec frozen, one core busy: napo / bare-GEMM limit"}  # fmt: skip
+    torch_bar = judged["rec frozen, one core busy: napo / torch backend"]
+    assert torch_bar.passed is False and torch_bar.measured == pytest.approx(1.4 / 1.2)  # > 1.1
+    assert judged["rec frozen, one core busy: napo / bare-GEMM limit"].passed  # 1.4 <= 1.5
+
+
 def test_quick_shapes_are_small() -> None:
     for shape in (rec_shape(True), dense_shape(True)):
         assert shape.all_rows * shape.vocab < 100_000
@@ -192,6 +211,7 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
         ["--contenders", "plain,nope"],
         ["--variants", "both"],
         ["--sweeps", "x"],
+        ["--busy-core", "1"],
     ):
         with pytest.raises(SystemExit) as exc:
             parse_args(bad)

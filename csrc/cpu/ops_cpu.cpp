@@ -15,8 +15,7 @@
 namespace napo {
 namespace {
 
-// torch's intra-op thread count, or 1 inside a torch parallel region (no nested teams).
-int team_size() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+using cpu::team_size;  // torch's intra-op thread count, 1 inside a parallel region
 
 // Calls fn with the storage format (csrc/cpu/formats.h) of a float dtype: fp16/bf16 go to the row
 // loops as raw 16-bit patterns.

@@ -1,19 +1,23 @@
-// Stage 1 on the CPU as a grid of [row chunk, vocabulary tile] blocks, for vocabularies wider than
+// Stage 1 on the CPU as a grid of [row block, vocabulary tile] blocks, for vocabularies wider than
 // one tile. The untiled loop (chunked_linear.h) streams the whole weight once per row chunk and per
-// product; here a tile of weight rows is used by every product of a chunk while it is still in
-// cache, and a chunk can hold many more rows for the same block memory, so the weight is read
-// about once per step. Measured on a 2-core Xeon (H = 1024, V = 32000, 1024 rows, fp32): the three
-// products of a trainable step in 128-row chunks took 1.27x the time of the same products on the
-// whole batch; as 1024 x 512 blocks, 0.97x.
+// product; here a tile of weight rows is used by every product of a row block while it is still in
+// cache, and a block can hold many more rows for the same memory, so the weight is read about once
+// per step and per thread. Measured on a 2-core Xeon (H = 1024, V = 32000, 1024 rows, fp32): the
+// three products of a trainable step in 128-row chunks took 1.27x the time of the same products on
+// the whole batch; as 1024 x 512 blocks, 0.97x.
 //
-// Forward: an online log-sum-exp over the tiles of a row (running max and sum, napo_math.h). With a
-// frozen head the expected hidden state sum_v softmax_v W_v is summed unnormalised against the
-// running max; a row whose max moves is rescaled first, and the sum is divided at the end.
-// Backward: the tile's logits are recomputed and turned into their gradient with the row's final
-// lse; the weight gradient of a tile is written once per row chunk, the hidden gradient summed
-// over tiles (in fp32 for fp16/bf16, rounded once per chunk as in the untiled loop).
-// fp16 (chunked_linear.h, wide_half): the hidden chunk is converted to fp32 once per chunk, each
-// weight tile once per chunk and tile, and every product of the tile runs in fp32.
+// Threads (parallel_units.h): one parallel region per pass, each thread working whole units with
+// single-threaded products and row passes, instead of a region per product and row pass.
+// Forward units are row blocks: each sweeps every vocabulary tile for its rows, with an online
+// log-sum-exp (running max and sum, napo_math.h) and, when the hidden states need a gradient, the
+// expected hidden state E = sum_v softmax_v dz_v/draw_v W_v summed unnormalised against the
+// running max (a row whose max moves is rescaled first, the sum divided at the end). The backward
+// then needs no vocabulary work for d hidden = g (c W_y - E) (c = dz/draw at the target), and its
+// units are vocabulary tiles: each recomputes its logits for all rows and writes its own slice of
+// the weight and bias gradients. Every output is written by one unit in a fixed order, so results
+// do not depend on which thread runs which unit.
+// fp16 (chunked_linear.h, wide_half): the products run in fp32 on converted operands (a unit's
+// hidden rows once, each weight tile once per unit and tile).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,6 +30,7 @@
 
 #include "arg_checks.h"
 #include "chunked_linear.h"
+#include "cpu/parallel_units.h"
 
 namespace napo::cpu {
 
@@ -34,6 +39,9 @@ constexpr int64_t kVocabTile = 512;
 // Rows per chunk at most: enough that the weight is read once for typical batches, few enough that
 // a chunk of hidden states stays in the last-level cache while the tiles pass.
 constexpr int64_t kMaxChunkRows = 1024;
+// Rows per forward unit at most. One core multiplied 256-row blocks by 512-column tiles (H = 1024)
+// at 152 GFlop/s, 128-row blocks at 136, 64-row blocks at 104 (the tile is packed once per product).
+constexpr int64_t kUnitRows = 256;
 
 struct TilePlan {
   int64_t rows;   // rows per chunk
@@ -69,6 +77,30 @@ inline std::optional<at::Tensor> bias_tile(const std::optional<at::Tensor>& bias
   return bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, v0, w)) : std::nullopt;
 }
 
+// c_r W[y_r] in the accumulation dtype, c_r = dz/draw at the target (1 for a plain head): the
+// target's term of d logp_r / d h_r = c_r W[y_r] - E_r. A target outside [0, V) gives NaN.
+inline at::Tensor target_rows(const at::Tensor& hidden, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+                              const LogitSpec& spec) {
+  const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
+  const int64_t vocab = weight.size(0);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  if (vocab == 0) return at::full({hidden.size(0), hidden.size(1)}, nan, acc);
+  const at::Tensor safe = targets.clamp(0, vocab - 1);
+  const at::Tensor w_y = weight.index_select(0, safe).to(acc.dtype());
+  at::Tensor slope;
+  if (spec.cap > 0) {
+    at::Tensor raw = (hidden.to(acc.dtype()) * w_y).sum(1);
+    if (bias.has_value()) raw = raw + bias->index_select(0, safe).to(acc.dtype());
+    // scale (1 - tanh^2) = scale / cosh^2: keeps its precision where tanh saturates
+    slope = at::cosh(raw * (spec.scale / spec.cap)).square().reciprocal() * spec.scale;
+  } else {
+    slope = at::full({hidden.size(0)}, spec.scale, acc);
+  }
+  slope = at::where(targets.ge(0).logical_and(targets.lt(vocab)), slope, nan);
+  return w_y * slope.unsqueeze(1);
+}
+
 template <class Passes>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -83,24 +115,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(
   at::Tensor run_sum = at::zeros({rows}, acc);
   // NaN until a tile holds the target: an out-of-range target (never checked) leaves logp = NaN
   at::Tensor target_logit = at::full({rows}, std::numeric_limits<double>::quiet_NaN(), acc);
-  at::Tensor scale = at::empty({block_rows(plan, rows)}, acc);
   const bool wide = wide_half<Passes>(hidden);
   const auto gemm = hidden.options().dtype(wide ? acc.dtype() : hidden.dtype());
-  at::Tensor block = at::empty({block_rows(plan, rows) * plan.width}, gemm);
   const bool acc_is_input = acc.dtype() == gemm.dtype();  // the products run in the accumulation dtype
-  for (int64_t lo = 0; lo < rows; lo += plan.rows) {
-    const int64_t n = std::min(plan.rows, rows - lo);
+  // the plan's block, one [unit rows, width] slice per thread
+  const int64_t max_rows = block_rows(plan, rows);
+  const int threads = static_cast<int>(std::min<int64_t>(team_size(), max_rows));
+  const int64_t unit_rows = std::min(kUnitRows, max_rows / threads);
+  at::Tensor block = at::empty({max_rows * plan.width}, gemm);
+  at::Tensor scale = at::empty({threads * unit_rows}, acc);
+  const int64_t units = (rows + unit_rows - 1) / unit_rows;
+  for_each_unit(units, threads, [&](int64_t unit, int slot) {
+    const int64_t lo = unit * unit_rows, n = std::min(unit_rows, rows - lo);
     const at::Tensor h = operand(hidden.narrow(0, lo, n), wide);
+    const at::Tensor y = targets.narrow(0, lo, n);
     at::Tensor out = compute_expected ? expected.narrow(0, lo, n) : at::Tensor();
+    at::Tensor mx = run_max.narrow(0, lo, n), sum = run_sum.narrow(0, lo, n),
+               pick = target_logit.narrow(0, lo, n);
+    at::Tensor s = scale.narrow(0, slot * unit_rows, n);
     for (int64_t v0 = 0; v0 < vocab; v0 += plan.width) {
       const int64_t w = std::min(plan.width, vocab - v0);
       const at::Tensor wt = operand(weight.narrow(0, v0, w), wide);
-      at::Tensor logits = block.narrow(0, 0, n * w).view({n, w});
+      at::Tensor logits = block.narrow(0, slot * unit_rows * plan.width, n * w).view({n, w});
       chunk_logits(logits, h, wt, operand(bias_tile(bias, v0, w), wide));
-      // in place: the logits become exp(z - running max) * dz/draw when the frozen head needs them
-      Passes::logprob_tile_rows(logits, compute_expected ? logits : at::Tensor(), targets.narrow(0, lo, n),
-                                v0, run_max.narrow(0, lo, n), run_sum.narrow(0, lo, n),
-                                target_logit.narrow(0, lo, n), scale.narrow(0, 0, n), spec);
+      // in place: the logits become exp(z - running max) * dz/draw when E needs them
+      Passes::logprob_tile_rows(logits, compute_expected ? logits : at::Tensor(), y, v0, mx, sum, pick, s,
+                                spec);
       if (!compute_expected) continue;
       if (v0 == 0) {
         if (acc_is_input)
@@ -109,13 +149,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_fwd(
           out.copy_(at::mm(logits, wt));
         continue;
       }
-      Passes::rescale_rows(out, scale.narrow(0, 0, n));
+      Passes::rescale_rows(out, s);
       if (acc_is_input)
         out.addmm_(logits, wt);
       else
         out.add_(at::mm(logits, wt));
     }
-  }
+  });
   at::add_out(lse, run_max, run_sum.log());  // max + log(sum); -inf for a row of -inf logits
   at::sub_out(logp, target_logit, lse);
   if (compute_expected) expected.div_(run_sum.unsqueeze(1));
@@ -127,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(
     const at::Tensor& grad_in, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets_in, const at::Tensor& lse_in,
     TilePlan plan, bool need_hidden, bool need_weight, bool need_bias, const LogitSpec& spec) {
-  const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
+  const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous(), grad = grad_in.contiguous(), lse = lse_in.contiguous();
   const bool wide = wide_half<Passes>(hidden);
@@ -136,44 +176,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_linear_bwd(
   const bool hidden_is_acc = acc.dtype() == hidden.dtype();
 
   auto [d_hidden, d_weight, d_bias] = linear_grads_begin(hidden, weight, need_hidden, need_weight, need_bias);
-  if (rows > 0 && (need_hidden || need_weight || need_bias)) {
-    const int64_t max_rows = block_rows(plan, rows);
+  if (rows > 0 && need_hidden) {
+    // the products of a forward with E (as the autograd op keeps it), so that the tiles below own
+    // everything they write
+    const at::Tensor expected =
+        std::get<2>(tiled_linear_fwd<Passes>(hidden, weight, bias, targets, plan, true, spec));
+    d_hidden.copy_(grad.unsqueeze(1) * (target_rows(hidden, weight, bias, targets, spec) - expected));
+  }
+  if (rows > 0 && (need_weight || need_bias)) {
+    const int64_t max_rows = block_rows(plan, rows), tiles = (vocab + plan.width - 1) / plan.width;
+    const int threads = static_cast<int>(std::min<int64_t>({team_size(), tiles, max_rows}));
+    const int64_t chunk = max_rows / threads;  // rows per product: one slice of the block per thread
     at::Tensor block = at::empty({max_rows * plan.width}, gemm);
-    // fp16/bf16: a chunk's hidden gradient is summed over the tiles in fp32
-    at::Tensor dh_sum = need_hidden && !hidden_is_acc ? at::empty({max_rows, width}, acc) : at::Tensor();
-    for (int64_t lo = 0; lo < rows; lo += plan.rows) {
-      const int64_t n = std::min(plan.rows, rows - lo);
-      const at::Tensor h = operand(hidden.narrow(0, lo, n), wide);
-      at::Tensor dh = !need_hidden    ? at::Tensor()
-                      : hidden_is_acc ? d_hidden.narrow(0, lo, n)
-                                      : dh_sum.narrow(0, 0, n);
-      for (int64_t v0 = 0; v0 < vocab; v0 += plan.width) {
-        const int64_t w = std::min(plan.width, vocab - v0);
-        const at::Tensor wt = operand(weight.narrow(0, v0, w), wide);
-        at::Tensor g = block.narrow(0, 0, n * w).view({n, w});
-        chunk_logits(g, h, wt, operand(bias_tile(bias, v0, w), wide));
+    for_each_unit(tiles, threads, [&](int64_t tile, int slot) {
+      const int64_t v0 = tile * plan.width, w = std::min(plan.width, vocab - v0);
+      const at::Tensor wt = operand(weight.narrow(0, v0, w), wide);
+      const std::optional<at::Tensor> bt = operand(bias_tile(bias, v0, w), wide);
+      at::Tensor dw = need_weight ? d_weight.narrow(0, v0, w) : at::Tensor();
+      for (int64_t lo = 0; lo < rows; lo += chunk) {
+        const int64_t n = std::min(chunk, rows - lo);
+        const at::Tensor h = operand(hidden.narrow(0, lo, n), wide);
+        at::Tensor g = block.narrow(0, slot * chunk * plan.width, n * w).view({n, w});
+        chunk_logits(g, h, wt, bt);
         Passes::logit_grad_rows(g, g, targets.narrow(0, lo, n), grad.narrow(0, lo, n), lse.narrow(0, lo, n),
                                 need_bias ? d_bias.narrow(0, v0, w) : at::Tensor(), spec, v0);
-        if (need_hidden) {
-          if (!acc_is_input)
-            v0 == 0 ? dh.copy_(at::mm(g, wt)) : dh.add_(at::mm(g, wt));
-          else if (v0 == 0)
-            at::mm_out(dh, g, wt);
-          else
-            dh.addmm_(g, wt);
-        }
-        if (need_weight) {
-          at::Tensor dw = d_weight.narrow(0, v0, w);
-          if (!acc_is_input)
-            dw.add_(at::mm(g.t(), h));
-          else if (lo == 0 && hidden_is_acc)  // fp32/fp64: the first chunk writes it (fp16: zero-filled)
-            at::mm_out(dw, g.t(), h);
-          else
-            dw.addmm_(g.t(), h);
-        }
+        if (!need_weight) continue;
+        if (!acc_is_input)
+          dw.add_(at::mm(g.t(), h));
+        else if (lo == 0 && hidden_is_acc)  // fp32/fp64: the first chunk writes it (fp16: zero-filled)
+          at::mm_out(dw, g.t(), h);
+        else
+          dw.addmm_(g.t(), h);
       }
-      if (need_hidden && !hidden_is_acc) d_hidden.narrow(0, lo, n).copy_(dh);
-    }
+    });
   }
   return linear_grads_end(d_hidden, d_weight, d_bias, weight, bias);
 }

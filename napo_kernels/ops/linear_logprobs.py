@@ -2,16 +2,14 @@
 
 ``napo_kernels::linear_logprobs`` returns ``(logp [R], lse [R], expected [R, H] or [0])`` of the
 head's logits ``z = logit_scale * (h W^T + b)``, soft-capped to ``softcap * tanh(z / softcap)`` when
-``softcap`` is given. Its hand-written backward has two shapes (see docs/design.md):
-
-- trainable ``lm_head``: ``napo_kernels::linear_logprobs_backward`` recomputes each logits chunk
-  from the saved ``lse`` and produces the hidden, weight and bias gradients;
-- frozen ``lm_head`` (``compute_expected=True``): the forward also returns
-  ``E = sum_v softmax(z)_v (dz_v / draw_v) W_v`` (``softmax(z) W`` for a plain head), so
-  ``d hidden_r = g_r (c_r W[y_r] - E_r)`` needs no vocabulary work in the backward. The target's
-  slope ``c_r = dz_y / draw_y`` is ``logit_scale`` without a cap, and with one
-  ``logit_scale / cosh^2(logit_scale raw_y / softcap)`` from the target's raw logit
-  ``raw_y = h_r . W[y_r] + b[y_r]`` (one dot product per row).
+``softcap`` is given. When the hidden states need a gradient (``compute_expected=True``) the forward
+also returns ``E = sum_v softmax(z)_v (dz_v / draw_v) W_v`` (``softmax(z) W`` for a plain head), so
+that ``d hidden_r = g_r (c_r W[y_r] - E_r)`` needs no vocabulary work in the backward (see
+docs/design.md). The target's slope ``c_r = dz_y / draw_y`` is ``logit_scale`` without a cap, and
+with one ``logit_scale / cosh^2(logit_scale raw_y / softcap)`` from the target's raw logit
+``raw_y = h_r . W[y_r] + b[y_r]`` (one dot product per row). A frozen ``lm_head`` needs nothing
+else; a trainable one gets its weight and bias gradients from
+``napo_kernels::linear_logprobs_backward``, which recomputes the logits from the saved ``lse``.
 """
 
 from __future__ import annotations
@@ -110,23 +108,21 @@ def _backward(ctx, grad_logp, grad_lse, grad_expected):
     if grad_logp is None:
         return None, None, None, *nothing
     grad = grad_logp.to(lse.dtype)
-    if ctx.compute_expected and not (need_weight or need_bias):
-        # frozen lm_head: d s_r / d h_r = c_r W[y_r] - E_r, no vocabulary work
-        d_hidden = None
-        if need_hidden:
-            target_rows = _target_rows(hidden, weight, bias, targets, lse.dtype, ctx)
-            d_hidden = (grad[:, None] * (target_rows - expected)).to(hidden.dtype)
-        return d_hidden, None, None, *nothing
-    d_hidden, d_weight, d_bias = linear_logprobs_backward(
-        grad, hidden, weight, bias, targets, lse, ctx.chunk_size,
-        need_hidden, need_weight, need_bias and ctx.has_bias, ctx.backend, ctx.softcap, ctx.logit_scale,
-    )  # fmt: skip
-    return (
-        d_hidden if need_hidden else None,
-        d_weight if need_weight else None,
-        d_bias if need_bias and ctx.has_bias else None,
-        *nothing,
-    )
+    d_hidden = d_weight = d_bias = None
+    need_bias = need_bias and ctx.has_bias
+    from_expected = need_hidden and ctx.compute_expected
+    if from_expected:  # d s_r / d h_r = c_r W[y_r] - E_r: no vocabulary work
+        target_rows = _target_rows(hidden, weight, bias, targets, lse.dtype, ctx)
+        d_hidden = (grad[:, None] * (target_rows - expected)).to(hidden.dtype)
+    if need_weight or need_bias or (need_hidden and not from_expected):
+        rest = need_hidden and not from_expected
+        d_h, d_w, d_b = linear_logprobs_backward(
+            grad, hidden, weight, bias, targets, lse, ctx.chunk_size,
+            rest, need_weight, need_bias, ctx.backend, ctx.softcap, ctx.logit_scale,
+        )  # fmt: skip
+        d_hidden = d_hidden if from_expected else (d_h if need_hidden else None)
+        d_weight, d_bias = (d_w if need_weight else None), (d_b if need_bias else None)
+    return d_hidden, d_weight, d_bias, *nothing
 
 
 linear_logprobs.register_autograd(_backward, setup_context=_setup_context)
