@@ -12,10 +12,10 @@ CUDA_ARCHS ?= 80 90
 RUFF_SPEC ?= ruff==0.17.6
 CLANG_FORMAT_SPEC ?= clang-format==23.1.5
 LINT_STAMP := $(VENV)/.napo-lint-$(subst ==,-,$(RUFF_SPEC))-$(subst ==,-,$(CLANG_FORMAT_SPEC))
-PY_SOURCES := napo_kernels benchmarks tests examples setup.py
+PY_SOURCES := napo_kernels benchmarks tests examples scripts setup.py
 CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' | sort)
 
-.PHONY: setup install test test-fast lint format bench bench-deps demo check-cuda clean
+.PHONY: setup install test test-fast lint format bench bench-deps demo check-cuda gpu-check clean
 
 setup: $(STAMP) $(LINT_STAMP)
 
@@ -92,6 +92,17 @@ check-cuda: setup
 	  echo "syntax $$f"; \
 	  $(NVCC) -std=c++20 -DNAPO_WITH_CUDA -Icsrc $$inc -I$$stub -Xcompiler -fsyntax-only -c $$f -o /dev/null; \
 	done
+
+# One command for a GPU machine where nothing can be downloaded (a preinstalled CUDA torch, triton,
+# pytest, hypothesis, nvcc, compute-sanitizer): builds the CUDA extension in place (MAX_JOBS = CPU count),
+# runs tests/test_gpu.py, the GPU benchmark (rec, dense) and compute-sanitizer memcheck on a small run of
+# the cuda backend, each step with a time budget (8 minutes in all on one H100/H200), every result and log
+# in gpu-check-<time>/ (GPU_CHECK_ARGS="--out DIR" to choose). Without a GPU it says so, checks the CPU
+# build, the .cu files with nvcc (sm_90) and that pytest collects every GPU test, and exits 0.
+# It needs no venv: the venv's python when there is one, else python3.
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_CHECK_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info napo_kernels/*.so $(VENV)

@@ -95,7 +95,7 @@ def _logits_tile(
         k_ok = ks < H
         h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     z, slope = head_logits(acc, SCALE, SOFTCAP)
@@ -184,7 +184,9 @@ def _hidden_kernel(
             # the first tile overwrites instead of adding: no zero-fill, and autotune reruns are harmless
             again = ok & ((ks[None, :] * 0 + v0) > v_lo)
             prev = tl.load(out_rows + ks[None, :], mask=again, other=0.0)
-            tl.store(out_rows + ks[None, :], tl.dot(grad, w, prev, input_precision=PREC), mask=ok)
+            tl.store(
+                out_rows + ks[None, :], tl.dot(grad, w, prev, input_precision=PREC, out_dtype=ACC), mask=ok
+            )
 
 
 @triton.autotune(
@@ -225,7 +227,11 @@ def _weight_kernel(
                 ok = col_ok[:, None] & k_ok[None, :]
                 again = ok & ((ks[None, :] * 0 + r0) > 0)
                 prev = tl.load(dw_rows + ks[None, :], mask=again, other=0.0)
-                tl.store(dw_rows + ks[None, :], tl.dot(grad_t, h, prev, input_precision=PREC), mask=ok)
+                tl.store(
+                    dw_rows + ks[None, :],
+                    tl.dot(grad_t, h, prev, input_precision=PREC, out_dtype=ACC),
+                    mask=ok,
+                )
     if NEED_BIAS:
         tl.store(db_ptr + cols, col_sum, mask=col_ok)
 

@@ -20,6 +20,31 @@ from torch import Tensor
 # Read once at import: triton itself decides at import time whether it interprets.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def _interpreter_loop_bounds() -> None:
+    """Triton 3.6's interpreter turns a loop bound (a scalar held as a one-element array) into an
+    int with ``int(array)``, which numpy >= 2.4 refuses for arrays of one dimension; later Triton
+    squeezes the array first. Re-apply its ``__index__`` that way (interpreter only; private names,
+    so nothing happens where they are not found)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "napo_squeezed_index", False):
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch.napo_squeezed_index = True
+    interpreter._patch_lang_tensor = patch
+
+
+if INTERPRET:
+    _interpreter_loop_bounds()
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _TL_DTYPE = {
