@@ -165,6 +165,32 @@ def test_linear_kernels_match_reference(problem):
         check(got.cpu(), want, dtype, f"{name} ({dtype}, splits={splits}, head={head})", low, size)
 
 
+@pytest.mark.parametrize("head", [(None, 1.0), (2.0, 2.5)], ids=["plain", "softcap"])
+def test_linear_forward_sums_expected_in_one_pass(monkeypatch, head):
+    """``E = softmax W`` comes out of the forward kernel itself (2 products: no second pass over
+    recomputed logits): the hidden kernel is never launched, and E follows a row max that moves
+    from tile to tile (rescaling the partial), a masked (-inf) first tile and vocabulary splits that
+    own no tile, as the float64 reference says."""
+    monkeypatch.setattr(tlin, "_hidden_kernel", None)  # any launch would fail
+    vocab, rows = 150, 5  # 5 tiles of 32 under the interpreter
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.eye(rows, vocab, dtype=torch.float64) + 0.1 * randn(gen, rows, vocab)
+    hidden[0, 140], hidden[1, 3], hidden[2] = 40.0, 40.0, torch.linspace(-30, 30, vocab)  # max moves
+    weight = torch.eye(vocab, dtype=torch.float64) + 0.05 * randn(gen, vocab, vocab)
+    bias = torch.zeros(vocab, dtype=torch.float64)
+    bias[:32] = float("-inf")  # the first tile is masked in every row
+    targets = torch.tensor([140, 40, 149, 70, 33])
+    truth = linear_truth(hidden, weight, bias, targets, torch.zeros(rows, dtype=torch.float64), head)
+    for splits in (1, 2, 9):  # 9 > 5 tiles: some splits own none
+        for dtype in (torch.float64, torch.float32):
+            x, w, b = (t.to(dtype).to(DEVICE) for t in (hidden, weight, bias))
+            logp, lse, expected = tlin.linear_logprobs_fwd(
+                x, w, b, targets.to(DEVICE), 1, True, *head, splits=splits
+            )
+            for name, got, want in zip(("logp", "lse", "expected"), (logp, lse, expected), truth):
+                check(got.cpu(), want, dtype, f"{name} ({dtype}, splits={splits}, head={head})")
+
+
 def test_linear_backward_only_what_is_needed():
     gen = torch.Generator().manual_seed(1)
     hidden, weight = randn(gen, 18, 20).float(), randn(gen, 40, 20, scale=0.3).float()
@@ -491,7 +517,7 @@ from napo_kernels.kernels.triton.aot import compile_all
 results = compile_all((90,), quick=True, dtypes=(torch.bfloat16,), progress=False)
 for r in results:
     print(r.row())
-assert len(results) == 10 and all(r.fits for r in results)  # 8 stage-1 (plain, soft-capped), 2 logits
+assert len(results) == 10 and all(r.fits for r in results)  # 4 stage-1 x 2 heads, 2 logits
 """
 
 

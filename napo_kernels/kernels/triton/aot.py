@@ -77,20 +77,13 @@ def _cases(quick: bool, dtypes: tuple[torch.dtype, ...]) -> Iterator[tuple]:
         stage1 = dict(h_ptr=x, w_ptr=x, b_ptr=x, t_ptr="*i64")
         for suffix, head in heads.items():
             for cfg in first(lin._ROW_PROGRAM_CONFIGS):
-                sig = dict(**stage1, max_ptr=acc, sum_ptr=acc, pick_ptr=acc, **ints)
-                yield (
-                    "linear_forward" + suffix,
-                    lin._forward_kernel.fn,
-                    sig,
-                    dict(**common, **head),
-                    cfg,
-                    dtype,
-                )
-                sig = dict(g_ptr=acc, **stage1, lse_ptr=acc, out_ptr=acc, **ints)
-                for expected in (False, True):
-                    name = "linear_hidden" + ("_expected" * expected) + suffix
+                sig = dict(**stage1, max_ptr=acc, sum_ptr=acc, pick_ptr=acc, e_ptr=acc, **ints)
+                for expected in (False, True):  # with E: the one-pass forward of a head that needs dH
+                    name = "linear_forward" + ("_expected" * expected) + suffix
                     const = dict(EXPECTED=expected, **common, **head)
-                    yield name, lin._hidden_kernel.fn, sig, const, cfg, dtype
+                    yield name, lin._forward_kernel.fn, sig, const, cfg, dtype
+                sig = dict(g_ptr=acc, **stage1, lse_ptr=acc, out_ptr=acc, **ints)
+                yield "linear_hidden" + suffix, lin._hidden_kernel.fn, sig, dict(**common, **head), cfg, dtype
             for cfg in first(lin._VOCAB_PROGRAM_CONFIGS):
                 sig = dict(g_ptr=acc, **stage1, lse_ptr=acc, dw_ptr=acc, db_ptr=acc, **ints)
                 const = dict(NEED_WEIGHT=True, NEED_BIAS=True, **common, **head)

@@ -5,10 +5,15 @@ Three kernels, each recomputing ``[BLOCK_R, BLOCK_V]`` logits tiles with ``tl.do
 - ``_forward_kernel``: one program per (row block, vocabulary split); an online log-sum-exp over
   its vocabulary tiles plus the target's logit. Splits are combined by a tiny ``[splits, R]``
   log-sum-exp in PyTorch. Recommendation batches score few rows (answer tokens only) against a
-  large vocabulary, so splitting the vocabulary is what fills a GPU.
+  large vocabulary, so splitting the vocabulary is what fills a GPU. With ``EXPECTED`` (the hidden
+  states need a gradient) the same pass also sums ``E = softmax(z) dz/draw @ W`` against the
+  running max, rescaling the row's partial when the max moves (as the CPU vocabulary tiles do): the
+  logits tile is multiplied by ``W`` while it is still in registers, 2 products in all where a
+  second pass over recomputed logits took 3. Each split's partial is relative to its own max; the
+  splits are weighted by ``exp(max_s - lse)`` and summed in PyTorch.
 - ``_hidden_kernel``: ``d_hidden = G @ W`` with ``G = g (onehot - softmax)``, one program per
-  (row block, vocabulary split). With ``EXPECTED`` it computes ``softmax @ W`` instead (``G = p``):
-  the frozen-``lm_head`` forward output, the same loop without the onehot.
+  (row block, vocabulary split): only for a backward asked for ``d_hidden`` directly (the autograd
+  op takes it from ``E``).
 - ``_weight_kernel``: ``d_weight = G^T @ h`` and ``d_bias = colsum(G)``, one program per vocabulary
   block, looping over all row blocks.
 
@@ -103,24 +108,24 @@ def _logits_tile(
 
 
 @triton.jit
-def _grad_tile(logits, slope, lse, g, target, cols, EXPECTED: tl.constexpr):
-    """``d s / d raw logits`` scaled by ``g``: ``g (onehot - p) dz/draw``, or ``p dz/draw`` for
-    ``EXPECTED`` (``slope`` = dz/draw; the constant 1 for a plain head). Exactly 0 in padding:
-    columns have -inf logits, rows are loaded with ``lse = +inf`` and ``g = 0`` (``lse = 0`` there
-    would let ``exp(bias)`` overflow into ``inf * 0 = NaN`` in the GEMMs)."""
+def _grad_tile(logits, slope, lse, g, target, cols):
+    """``d s / d raw logits`` scaled by ``g``: ``g (onehot - p) dz/draw`` (``slope`` = dz/draw; the
+    constant 1 for a plain head). Exactly 0 in padding: columns have -inf logits, rows are loaded
+    with ``lse = +inf`` and ``g = 0`` (``lse = 0`` there would let ``exp(bias)`` overflow into
+    ``inf * 0 = NaN`` in the GEMMs)."""
     p = tl.exp(logits - lse[:, None])
-    if EXPECTED:
-        return p * slope
     onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
     return g[:, None] * (onehot - p) * slope
 
 
-@triton.autotune(configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS"])
+@triton.autotune(
+    configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS", "EXPECTED"]
+)
 @triton.jit
 def _forward_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, max_ptr, sum_ptr, pick_ptr, R, V, H, stride_h, stride_w,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-    SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, t_ptr, max_ptr, sum_ptr, pick_ptr, e_ptr, R, V, H, stride_h, stride_w,
+    EXPECTED: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -130,6 +135,8 @@ def _forward_kernel(
     run_max = tl.full((BLOCK_R,), float("-inf"), ACC)
     run_sum = tl.zeros((BLOCK_R,), ACC)
     picked = tl.zeros((BLOCK_R,), ACC)
+    # EXPECTED: this split's [R, H] slice of the unnormalised E; only this program touches these rows
+    e_rows = e_ptr + (tl.program_id(1) * R + rows).to(tl.int64)[:, None] * H
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
@@ -139,9 +146,25 @@ def _forward_kernel(
         )  # fmt: skip
         new_max = tl.maximum(run_max, tl.max(logits, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows of only -inf logits so far
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
+        rescale = tl.exp(run_max - shift)  # what the partials summed so far are worth now (0 at first)
+        p = tl.exp(logits - shift[:, None])
+        run_sum = run_sum * rescale + tl.sum(p, 1)
         run_max = new_max
         picked += tl.sum(tl.where(cols[None, :] == target[:, None], logits, 0.0), 1)
+        if EXPECTED:  # E += exp(z - max) dz/draw @ W[cols], the tile still in registers
+            p = (p * slope).to(DOT)
+            w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+            for k0 in range(0, H, BLOCK_H):
+                ks = k0 + tl.arange(0, BLOCK_H)
+                k_ok = ks < H
+                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+                ok = row_ok[:, None] & k_ok[None, :]
+                # the first tile overwrites instead of adding: no zero-fill, autotune reruns are harmless
+                again = ok & ((ks[None, :] * 0 + v0) > v_lo)
+                prev = tl.load(e_rows + ks[None, :], mask=again, other=0.0) * rescale[:, None]
+                tl.store(
+                    e_rows + ks[None, :], tl.dot(p, w, prev, input_precision=PREC, out_dtype=ACC), mask=ok
+                )
     # an empty split (more splits than tiles) stores the neutral (-inf, 0, 0)
     out = tl.program_id(1) * R + rows
     tl.store(max_ptr + out, run_max, mask=row_ok)
@@ -149,13 +172,11 @@ def _forward_kernel(
     tl.store(pick_ptr + out, picked, mask=row_ok)
 
 
-@triton.autotune(
-    configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS", "EXPECTED"]
-)
+@triton.autotune(configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS"])
 @triton.jit
 def _hidden_kernel(
     g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, out_ptr, R, V, H, stride_h, stride_w,
-    EXPECTED: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
@@ -174,7 +195,7 @@ def _hidden_kernel(
             h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
             HAS_BIAS, ACC, DOT, PREC, SCALE, SOFTCAP, BLOCK_R, BLOCK_V, BLOCK_H,
         )  # fmt: skip
-        grad = _grad_tile(logits, slope, lse, g, target, cols, EXPECTED).to(DOT)
+        grad = _grad_tile(logits, slope, lse, g, target, cols).to(DOT)
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
         for k0 in range(0, H, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
@@ -214,7 +235,7 @@ def _weight_kernel(
             h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
             HAS_BIAS, ACC, DOT, PREC, SCALE, SOFTCAP, BLOCK_R, BLOCK_V, BLOCK_H,
         )  # fmt: skip
-        grad = _grad_tile(logits, slope, lse, g, target, cols, False)
+        grad = _grad_tile(logits, slope, lse, g, target, cols)
         if NEED_BIAS:
             col_sum += tl.sum(grad, 0)
         if NEED_WEIGHT:
@@ -276,7 +297,7 @@ def _common(hidden: Tensor, bias: Tensor | None, softcap: float | None, logit_sc
 
 def _hidden_pass(
     grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
-    expected: bool, splits: int | None, softcap: float | None, logit_scale: float,
+    splits: int | None, softcap: float | None, logit_scale: float,
 ) -> Tensor:  # fmt: skip
     """``G @ W`` over the whole vocabulary, ``[R, H]`` in the accumulation dtype."""
     (r, h), v = hidden.shape, weight.shape[0]
@@ -287,8 +308,7 @@ def _hidden_pass(
     grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), s)
     _hidden_kernel[grid](
         grad, hidden, weight, weight if bias is None else bias, targets, lse, out,
-        r, v, h, hidden.stride(0), weight.stride(0), EXPECTED=expected,
-        **_common(hidden, bias, softcap, logit_scale),
+        r, v, h, hidden.stride(0), weight.stride(0), **_common(hidden, bias, softcap, logit_scale),
     )  # fmt: skip
     return out if s == 1 else out.sum(0)
 
@@ -318,16 +338,24 @@ def linear_logprobs_fwd(
         return hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc), expected
     s = splits or vocab_splits(r, v, h, hidden.device)
     run_max, run_sum, picked = (hidden.new_empty((s, r), dtype=acc) for _ in range(3))
+    # E partials: [R, H] (one split) or one per split (zeros: a split may own no tile)
+    partial = expected if s == 1 else hidden.new_zeros((s, r, h) if compute_expected else (0,), dtype=acc)
     grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), s)
     _forward_kernel[grid](
-        hidden, weight, weight if bias is None else bias, targets, run_max, run_sum, picked,
-        r, v, h, hidden.stride(0), weight.stride(0), **_common(hidden, bias, softcap, logit_scale),
+        hidden, weight, weight if bias is None else bias, targets, run_max, run_sum, picked, partial,
+        r, v, h, hidden.stride(0), weight.stride(0), EXPECTED=compute_expected,
+        **_common(hidden, bias, softcap, logit_scale),
     )  # fmt: skip
     lse = torch.logsumexp(run_max + run_sum.log(), dim=0)  # combine the splits: [splits, R] -> [R]
     # targets are trusted (no host sync to check them): one outside [0, V) picked nothing, so NaN
     logp = torch.where((targets >= 0) & (targets < v), picked.sum(0) - lse, float("nan"))
     if compute_expected:
-        expected = _hidden_pass(lse, hidden, weight, bias, targets, lse, True, splits, softcap, logit_scale)
+        # each split summed exp(z - its max): worth exp(max_s - lse) of the softmax (0 for an empty one)
+        weight_s = torch.where(run_max == float("-inf"), 0.0, torch.exp(run_max - lse))
+        if s == 1:
+            expected.mul_(weight_s[0, :, None])
+        else:
+            expected = torch.einsum("sr,srh->rh", weight_s, partial)
     return logp, lse, expected
 
 
@@ -357,7 +385,7 @@ def linear_logprobs_bwd(
     d_hidden = hidden.new_empty(0)
     if need_hidden:
         d_hidden = (
-            _hidden_pass(grad, hidden, weight, bias, targets, lse, False, splits, softcap, logit_scale).to(
+            _hidden_pass(grad, hidden, weight, bias, targets, lse, splits, softcap, logit_scale).to(
                 hidden.dtype
             )
             if r
