@@ -447,3 +447,38 @@ def test_ddp_pool_spans_the_ranks(tmp_path) -> None:
                 assert a[key] == pytest.approx(b[key], rel=1e-6), key
         local = res[False]["logs"][0]["pool/size"]
         assert local < got["logs"][0]["pool/size"] == single["logs"][0]["pool/size"]
+
+
+# ------------------------------------------------------------------ python -m benchmarks --case trl
+
+
+def test_trl_benchmark_bars() -> None:
+    from benchmarks.bars import judge
+
+    def entry(k: int, stock_s: list[float], fused_s: list[float], stock_mb: float, fused_mb: float) -> dict:
+        rows = [
+            {"median_s": sorted(t)[len(t) // 2], "peak_bytes": mb * 2**20}
+            for t, mb in ((stock_s, stock_mb), (fused_s, fused_mb))
+        ]
+        paired = sorted(a / b for a, b in zip(stock_s, fused_s))
+        return {"shape": {"negatives": k}, "rows": rows, "time_ratio": paired[len(paired) // 2]}
+
+    bars = judge(
+        [], None, [entry(1, [4.0, 8.0, 6.0], [1.0, 4.0, 2.0], 2600, 270), entry(3, [9.0], [3.0], 1, 1)]
+    )
+    verdict = {b.name: (b.measured, b.passed) for b in bars}
+    assert verdict["trl K=1: stock TRL / fused time"] == (3.0, True)  # the paired ratio, not 6 / 2
+    assert verdict["trl K=1: stock TRL / fused peak memory"][1] is True
+    assert verdict["trl K=3: stock TRL (expanded pairs) / fused time"] == (3.0, False)  # bar: 4x
+    assert len(bars) == 3  # no memory bar for K = 3
+
+
+@SLOW
+def test_trl_benchmark_case_runs_quick() -> None:
+    from benchmarks.trl_case import run_case
+
+    for entry in run_case(quick=True, repeats=1, memory=False):
+        stock, fused = entry["rows"]
+        assert stock["status"] == fused["status"] == "ok"
+        assert stock["loss"] == pytest.approx(fused["loss"], abs=1e-6)
+        assert fused["param_diff_after_warmup"] < 1e-5
