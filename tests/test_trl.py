@@ -214,9 +214,21 @@ def test_other_trl_loss_types_equal_stock_trl(loss: str) -> None:
 @pytest.mark.parametrize("sft", [False, pytest.param(True, marks=SLOW)])
 def test_dmpo_pairwise_equals_stock_trl_on_expanded_pairs(sft: bool) -> None:
     multi = rows(4, 3, conversational=True)
-    extra = ["sft"] if sft else []
-    stock = train(False, "llama", "adapters", expanded(multi), 12, loss_type=["sigmoid", *extra])
-    fused = train(True, "llama", "adapters", multi, 4, loss_type=["dmpo", *extra], dmpo_form="pairwise")
+    extra = dict(loss_type=["sft"], loss_weights=[1.0, 0.5]) if sft else dict(loss_type=[])
+    types, weights = extra["loss_type"], extra.get("loss_weights")
+    stock = train(
+        False, "llama", "adapters", expanded(multi), 12, loss_type=["sigmoid", *types], loss_weights=weights
+    )
+    fused = train(
+        True,
+        "llama",
+        "adapters",
+        multi,
+        4,
+        loss_type=["dmpo", *types],
+        loss_weights=weights,
+        dmpo_form="pairwise",
+    )
     assert_same_run(stock, fused, metrics=METRICS[:-1])  # num_tokens: the expanded pairs repeat the prompt
 
 
@@ -323,6 +335,28 @@ def test_napo_user_embeddings_from_history_and_confidence() -> None:
     assert logs.steps[-1]["pool/size"] == pytest.approx((1 + math.floor(0.5 * 5 + 1e-9)) * 2)
     assert "margin/gamma" in logs.steps[-1]
     assert int(trainer.criterion.margin.steps) == 2  # the EMA moved on each training step
+
+
+def test_config_parses_from_the_command_line() -> None:
+    from transformers import HfArgumentParser
+
+    argv = [
+        "--output_dir",
+        "runs/x",
+        "--loss_type",
+        "napo",
+        "sft",
+        "--loss_weights",
+        "1",
+        "0.5",
+        "--gamma0",
+        "0.5",
+    ]
+    (args,) = HfArgumentParser(FusedDPOConfig).parse_args_into_dataclasses(
+        [*argv, "--sharing", "all", "--bf16", "False"]
+    )
+    assert args.loss_type == ["napo", "sft"] and args.loss_weights == [1.0, 0.5]
+    assert (args.gamma0, args.sharing, args.layout, args.dmpo_form) == (0.5, "all", "auto", "paper")
 
 
 def test_bad_options_raise() -> None:
