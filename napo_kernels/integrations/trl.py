@@ -628,6 +628,8 @@ class FusedDPOTrainer(DPOTrainer):
             self.ref_model = None
         if self._is_vision_dataset:
             raise ValueError(f"{type(self).__name__} does not support vision datasets")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # the head's weight is read outside a forward
+            raise ValueError(f"{type(self).__name__} does not support DeepSpeed or FSDP; use DDP")
         lm_head_of(self.model)  # an unsupported head fails here, naming the class
         self._install_collator()
         plan = self._loss_plan.package
