@@ -24,6 +24,15 @@ Data-parallel, same script (``--batch-size`` is per process; NAPO's pool spans a
     .venv/bin/torchrun --standalone --nproc_per_node 4 examples/train_recommender.py ...    # 4 GPUs, NCCL
 
 Every process trains; rank 0 alone builds the tokenizer, evaluates, saves and prints.
+
+Sharded instead of replicated (each process holds a shard of the parameters, gradients and
+optimizer state; the fused loss runs where the engine gathers the head: docs/distributed.md):
+
+    .venv/bin/torchrun --standalone --nproc_per_node 2 examples/train_recommender.py --fsdp   # FSDP2
+    .venv/bin/torchrun --standalone --nproc_per_node 2 examples/train_recommender.py --zero3  # ZeRO-3
+
+or, on GPUs, ``accelerate launch --config_file examples/accelerate/fsdp2.yaml`` (or ``zero3.yaml``)
+with the script's usual options.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,7 +58,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
-from napo_kernels import LossConfig
+from napo_kernels import LossConfig, lm_head_of
+from napo_kernels.integrations.sharded import full_parameters, sharding_of
 from napo_kernels.recommender.data import (
     ItemPopularity,
     RecExample,
@@ -163,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="under torchrun: NAPO's pool from the process's own batch only (otherwise the global batch)",
     )
+    shard = p.add_argument_group(
+        "sharding (under torchrun, 2+ processes; default: DDP, every process a full copy)"
+    )
+    engine = shard.add_mutually_exclusive_group()
+    engine.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="FSDP2: load the model sharded across the processes (transformers' DistributedConfig)",
+    )
+    engine.add_argument("--zero3", action="store_true", help="DeepSpeed ZeRO-3 (needs deepspeed installed)")
     run = p.add_argument_group("run")
     run.add_argument("--batch-size", type=positive, default=16, help="prompts per step and process")
     run.add_argument("--eval-batch-size", type=positive, default=16, help="prompts per evaluation batch")
@@ -231,6 +252,14 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--num-negatives {k}: {method} compares each positive with exactly one negative; "
                 "run it alone (its default K is 1), or use s_dpo / napo for several negatives"
+            )
+    if args.fsdp or args.zero3:
+        flag = "--fsdp" if args.fsdp else "--zero3"
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ValueError(f"{flag} shards the model across processes: run under torchrun with 2 or more")
+        if args.checkpoint_dir is not None or args.sft_checkpoint is not None:
+            raise ValueError(
+                f"{flag}: checkpoints are not supported for sharded runs here; drop the checkpoint options"
             )
     resume = args.resume_from_checkpoint
     if args.save_total_limit is not None and args.checkpoint_dir is None:
@@ -349,8 +378,32 @@ def resume_point(args: argparse.Namespace, stage: str) -> str | None:
     return get_last_checkpoint(str(directory)) if directory.is_dir() else None
 
 
+def zero3_options() -> dict[str, Any]:
+    """TrainingArguments for DeepSpeed ZeRO-3 (the Trainer fills the "auto" values)."""
+    if not torch.cuda.is_available():
+        # Without GPUs accelerate gives DeepSpeed no process-group backend and counts one process
+        # (every rank would train on the same batches): configure its state with gloo first.
+        from accelerate.state import AcceleratorState, PartialState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # a previous stage's Accelerator
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+    config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        # threshold 0: this script's tiny tensors are all below DeepSpeed's default persistence
+        # threshold (1e5 elements) and would stay whole; real models keep the default
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    return dict(deepspeed=config, accelerator_config={"use_configured_state": not torch.cuda.is_available()})
+
+
 def training_args(out_dir: str, args: argparse.Namespace, **kw: Any) -> TrainingArguments:
     saves = args.checkpoint_dir is not None
+    if args.zero3:
+        kw |= zero3_options()
     return TrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=args.batch_size,
@@ -358,7 +411,7 @@ def training_args(out_dir: str, args: argparse.Namespace, **kw: Any) -> Training
         save_strategy="steps" if saves else "no",
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available() and not args.zero3,  # accelerate runs DeepSpeed only without it
         disable_tqdm=args.quiet,
         logging_steps=args.logging_steps,
         seed=args.seed,
@@ -397,6 +450,54 @@ def evaluate(
     return res
 
 
+def load_sharded(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """``model`` sharded with FSDP2 across the processes (--fsdp), through transformers' own
+    ``from_pretrained(distributed_config=...)``, the FSDP2 path its Trainer runs on CPU too; any other
+    run gets ``model`` back. The torch random state is kept, so LoRA adapters created next start
+    as in an unsharded run."""
+    if not args.fsdp:
+        return model
+    from transformers.distributed import DistributedConfig
+
+    state = torch.get_rng_state()
+    # rank 0 saves the model where every rank loads it from
+    path = on_rank0(lambda: tempfile.mkdtemp(prefix="train_recommender-shard-"))
+    if args.main:
+        model.save_pretrained(path)
+    barrier()
+    config = DistributedConfig(fsdp_size=dist.get_world_size())
+    sharded = type(model).from_pretrained(path, distributed_config=config)
+    barrier()
+    if args.main:
+        shutil.rmtree(path)
+    torch.set_rng_state(state)
+    return sharded
+
+
+def describe_head(model: torch.nn.Module) -> str:
+    """What this process holds of the output head's weight, under a sharding engine."""
+    weight = lm_head_of(model).weight
+    if hasattr(weight, "ds_shape"):  # ZeRO-3: a placeholder between forwards
+        return f"ZeRO-3, lm_head.weight here: {list(weight.shape)} of {list(weight.ds_shape)}"
+    return f"FSDP2, lm_head.weight here: {list(weight.to_local().shape)} of {list(weight.shape)}"
+
+
+def gathered(model: torch.nn.Module, plain: T) -> T:
+    """``plain`` (an unsharded model of the same structure) holding ``model``'s trained parameters,
+    when training sharded them (--fsdp, --zero3, accelerate's FSDP2 / ZeRO-3): rank 0 evaluates and
+    saves a whole model. Every process must call it."""
+    if sharding_of(model) is None:
+        return model
+    print(f"[rank {dist.get_rank()}] trained sharded ({describe_head(model)}); gathering it")
+    full = full_parameters(model)
+    # named_parameters lists a tied weight once; the plain model's state_dict also names its alias
+    missing = {n for n, _ in plain.named_parameters()} - full.keys()
+    if missing:
+        raise RuntimeError(f"gathered parameters do not match the plain model: missing {sorted(missing)}")
+    plain.load_state_dict(full, strict=False)
+    return plain
+
+
 def sft_stage(
     train: list[RecExample], template: RecPromptTemplate, args: argparse.Namespace
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, LlamaForCausalLM | None, float, str | None]:
@@ -418,6 +519,8 @@ def sft_stage(
         tok = on_rank0(train_bpe_tokenizer, texts + [template.answer(t) for t in titles], args.vocab_size)
     model = build_model(tok, args)
     untrained = copy.deepcopy(model) if args.main else None
+    plain = copy.deepcopy(model) if args.fsdp or args.zero3 else None  # receives the trained shards
+    model = load_sharded(model, args)
     t0 = time.time()
     trainer = RecommenderSFTTrainer(
         model,
@@ -431,6 +534,7 @@ def sft_stage(
         print(f"SFT resumes from {resume}")
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - t0
+    model = gathered(model, plain)
     if ckpt is not None and args.main:
         model.save_pretrained(ckpt)
         tok.save_pretrained(ckpt)
@@ -448,7 +552,7 @@ def preference_stage(
     """The trained model, the training seconds, K, the last training log and the checkpoint the
     stage resumed from."""
     model = get_peft_model(
-        copy.deepcopy(sft_model),
+        load_sharded(copy.deepcopy(sft_model), args),
         LoraConfig(
             r=args.lora_r,
             lora_alpha=2 * args.lora_r,
@@ -473,7 +577,13 @@ def preference_stage(
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    return model, time.time() - t0, k, logs[-1] if logs else {}, resume
+    seconds = time.time() - t0
+    if sharding_of(model) is not None:  # an unsharded copy with the same adapters, for rank 0
+        state = torch.get_rng_state()  # the next method's adapters start as in an unsharded run
+        plain = get_peft_model(copy.deepcopy(sft_model), copy.deepcopy(model.peft_config["default"]))
+        torch.set_rng_state(state)
+        model = gathered(model, plain)
+    return model, seconds, k, logs[-1] if logs else {}, resume
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -16,7 +16,8 @@ not understood, any model whose logits it cannot vouch for:
 * a class outside :data:`SUPPORTED_HEADS` (none of its bases is listed);
 * a subclass that overrides ``forward`` (it may post-process the logits), a ``forward`` replaced
   on the instance (other than accelerate's mixed-precision / device hooks around the original), or
-  forward hooks on the model;
+  forward hooks on the model (those of a sharding engine, FSDP2 or DeepSpeed ZeRO-3, that gather
+  parameters around a forward are not counted: :mod:`napo_kernels.integrations.sharded`);
 * a head that is not a plain ``torch.nn.Linear`` (a LoRA layer on ``lm_head``, a quantised or
   custom layer), has forward hooks, or whose weight is offloaded (``meta``);
 * a peft prompt-learning model (prefix / prompt tuning changes the body's inputs);
@@ -47,6 +48,7 @@ __all__ = [
     "SUPPORTED_HEADS",
     "LMHead",
     "UnsupportedHeadError",
+    "causal_lm_of",
     "lm_head_of",
     "trust_lm_head",
 ]
@@ -203,8 +205,8 @@ def _describe(cls: type) -> str:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside DDP / FSDP / DataParallel (``.module``), ``torch.compile``
-    (``._orig_mod``) and peft (``get_base_model()``) wrappers, in any nesting."""
+    """The Hugging Face model inside DDP / FSDP / DataParallel / DeepSpeed engine (``.module``),
+    ``torch.compile`` (``._orig_mod``) and peft (``get_base_model()``) wrappers, in any nesting."""
     for _ in range(16):
         if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
             config = getattr(model, "active_peft_config", None)
@@ -217,13 +219,30 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model.get_base_model()
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module) and not hasattr(
-            model, "get_output_embeddings"
+        elif isinstance(model._modules.get("module"), nn.Module) and not hasattr(
+            type(model), "get_output_embeddings"
         ):
+            # the class, not the instance: DeepSpeed's engine forwards unknown attributes to its module
             model = model.module
         else:
             return model
     raise UnsupportedHeadError(f"{type(model).__name__}: too many nested wrappers around the model")
+
+
+# Sharding engines register forward hooks that gather a module's parameters before its forward and
+# release them after (FSDP2's fully_shard, DeepSpeed ZeRO-3, whose engine also hooks the root for its
+# own bookkeeping); they leave the values computed alone.
+_ENGINE_HOOK_MODULES = ("torch.distributed.fsdp.", "deepspeed.runtime.", "deepspeed.utils.nvtx")
+
+
+def _foreign_hooks(module: nn.Module) -> tuple[int, int]:
+    """The numbers of forward pre- and post-hooks on ``module`` that no sharding engine registered."""
+
+    def foreign(hooks: dict) -> int:
+        owner = (getattr(getattr(h, "__func__", h), "__module__", None) or "" for h in hooks.values())
+        return sum(not name.startswith(_ENGINE_HOOK_MODULES) for name in owner)
+
+    return foreign(module._forward_pre_hooks), foreign(module._forward_hooks)
 
 
 def _active_module(module: nn.Module) -> nn.Module:
@@ -272,13 +291,16 @@ def _plain_linear(module: nn.Module, where: str) -> nn.Linear:
         )
     if not _forward_is(module, nn.Linear.forward):
         raise UnsupportedHeadError(f"{where}: the output head's forward was replaced on the instance")
-    if module._forward_hooks or module._forward_pre_hooks:
+    pre, post = _foreign_hooks(module)
+    if pre or post:
         raise UnsupportedHeadError(
-            f"{where}: the output head has forward hooks ({len(module._forward_pre_hooks)} pre, "
-            f"{len(module._forward_hooks)} post) that may change its inputs or output"
+            f"{where}: the output head has forward hooks ({pre} pre, {post} post) that may change its "
+            "inputs or output"
         )
     weight = module.weight
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+    # a ZeRO-3 partitioned weight is a 0-element placeholder; its shape is ds_shape
+    shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", ())
+    if not isinstance(weight, Tensor) or len(shape) != 2 or not weight.is_floating_point():
         raise UnsupportedHeadError(f"{where}: the output head's weight is not a floating-point [V, H] tensor")
     if weight.is_meta:
         raise UnsupportedHeadError(
@@ -310,8 +332,15 @@ def _tied(weight: Tensor, model: nn.Module) -> bool:
     emb = getattr(_active_module(embeddings), "weight", None) if isinstance(embeddings, nn.Module) else None
     if not isinstance(emb, Tensor):
         return False
-    return emb is weight or (
-        emb.data_ptr() == weight.data_ptr() and emb.shape == weight.shape and emb.stride() == weight.stride()
+    if emb is weight:
+        return True
+    if type(emb) is not type(weight) or hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
+        return False  # shards and ZeRO-3 placeholders share no storage to compare: identity only
+    return (
+        weight.numel() > 0
+        and emb.data_ptr() == weight.data_ptr()
+        and emb.shape == weight.shape
+        and emb.stride() == weight.stride()
     )
 
 
@@ -332,6 +361,13 @@ def trust_lm_head(model: nn.Module, *, softcap: float | None = None, logit_scale
     scale = _positive(logit_scale, "logit_scale", where, allow_none=False)
     setattr(inner, TRUSTED_ATTRIBUTE, (cap, scale))
     return model
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside ``model``'s wrappers (peft, DDP, DeepSpeed's engine,
+    ``torch.compile``), whose ``forward`` :func:`lm_head_of` reads the head of. FSDP2 wraps nothing
+    (``fully_shard`` changes the module's class in place), so a sharded model is its own."""
+    return _unwrap(model)
 
 
 def lm_head_of(model: nn.Module, *, trust_forward: bool = False) -> LMHead:
@@ -380,14 +416,11 @@ def lm_head_of(model: nn.Module, *, trust_forward: bool = False) -> LMHead:
             "exactly that, pass trust_forward=True or call napo_kernels.heads.trust_lm_head(model, "
             "softcap=..., logit_scale=...)"
         )
-    if (
-        known is not None
-        and not (trust_forward or trusted)
-        and (inner._forward_hooks or inner._forward_pre_hooks)
-    ):
+    pre, post = _foreign_hooks(inner)
+    if known is not None and not (trust_forward or trusted) and (pre or post):
         raise UnsupportedHeadError(
-            f"{where} has forward hooks ({len(inner._forward_pre_hooks)} pre, {len(inner._forward_hooks)} "
-            "post) that may change its inputs or logits; pass trust_forward=True if they do not"
+            f"{where} has forward hooks ({pre} pre, {post} post) that may change its inputs or logits; "
+            "pass trust_forward=True if they do not"
         )
 
     if known is not None:

@@ -82,6 +82,8 @@ def test_negatives_default_per_method_unless_given(script):
             ["--methods", "napo", "--resume-from-checkpoint", "/"],
             "/: not a checkpoint (no trainer_",
         ),
+        (["--fsdp"], "--fsdp shards the model across processes: run under torchrun"),
+        (["--fsdp", "--zero3"], "argument --zero3: not allowed with argument --fsdp"),
     ],
 )
 def test_bad_arguments_stop_before_any_training(script, monkeypatch, capsys, argv, message):

@@ -259,7 +259,10 @@ def test_documented_command_refers_to_real_things(page, tokens, monkeypatch):
         else:
             _check_script(cmd[1], cmd[2:], monkeypatch)
         return
-    if head == f"{VENV_PREFIX}torchrun":
+    if head in (f"{VENV_PREFIX}torchrun", f"{VENV_PREFIX}accelerate"):
+        if "--config_file" in cmd:  # accelerate launch --config_file FILE script.py ...
+            config = cmd[cmd.index("--config_file") + 1]
+            assert (ROOT / config).is_file(), f"{page}: `{' '.join(tokens)}`: {config} does not exist"
         script = next(i for i, t in enumerate(cmd) if t.endswith(".py"))
         _check_script(cmd[script], cmd[script + 1 :], monkeypatch)
         return

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..heads import lm_head_of
+from ..heads import LMHead, lm_head_of
+from ..integrations.sharded import run_as_forward, sharding_of, with_gathered_head
 from ..logprobs import sequence_logprobs
 
 LAYOUTS = ("packed", "separate")
@@ -307,15 +308,29 @@ def candidate_logps(
     """``[B, C]`` candidate scores ``s(y|x)`` (0 where a candidate is absent) via the fused op, with
     the model's own head (bias, soft-cap, logit scale: :func:`napo_kernels.heads.lm_head_of`);
     ``through``: see :func:`candidate_rows`; other keyword arguments go to
-    :func:`~napo_kernels.sequence_logprobs`."""
-    head = lm_head_of(model)
-    rows = candidate_rows(model, batch, through=through)
+    :func:`~napo_kernels.sequence_logprobs`.
+
+    A sharded model (FSDP2, ZeRO-3: :mod:`napo_kernels.integrations.sharded`) is scored inside the
+    forward of ``through`` (default: the model), body and head together, where the engine gathers
+    the head; every rank must call it."""
     b, c = batch["candidate_mask"].shape
-    return sequence_logprobs(
-        rows, head.weight, batch["score_labels"], **head.loss_kwargs(),
-        sequence_ids=batch["score_sequence"], num_sequences=b * c, sequence_mask=batch["candidate_mask"],
-        reduction=reduction, **kwargs,
-    ).reshape(b, c)  # fmt: skip
+    sharded = sharding_of(model if through is None else through) is not None
+
+    def scores(head: LMHead, rows: Tensor) -> Tensor:
+        return sequence_logprobs(
+            rows, head.weight, batch["score_labels"], **head.loss_kwargs(),
+            sequence_ids=batch["score_sequence"], num_sequences=b * c, sequence_mask=batch["candidate_mask"],
+            reduction=reduction, **kwargs,
+        )  # fmt: skip
+
+    def run(through: nn.Module | None) -> Tensor:
+        return with_gathered_head(model, scores, candidate_rows(model, batch, through=through))
+
+    if sharded:  # flat scores out of the forward: a [B, C] view would lose the engine's backward hook
+        flat = run_as_forward(model if through is None else through, run, None)
+    else:
+        flat = run(through)
+    return flat.reshape(b, c)
 
 
 def packing_supported(model: nn.Module, atol: float = 1e-4) -> bool:
@@ -325,6 +340,12 @@ def packing_supported(model: nn.Module, atol: float = 1e-4) -> bool:
     if cached is not None:
         return cached
     head = lm_head_of(model)  # outside the probe: a head it does not understand is an error, not a fallback
+    if sharding_of(model) == "zero3":
+        # A ZeRO-3 model can run a forward only inside DeepSpeed's engine, which the Trainer builds
+        # later: trust the attention implementations the packed layout is tested with.
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        model._napo_packing_supported = impl in ("eager", "sdpa")
+        return model._napo_packing_supported
     vocab = head.weight.shape[0]
     g = torch.Generator().manual_seed(0)
     prompts = [

@@ -35,8 +35,10 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..distributed import data_parallel_group
-from ..heads import lm_head_of
+from ..heads import LMHead
+from ..integrations.sharded import run_as_forward, sharding_of, with_gathered_head
 from ..losses import PreferenceLoss
+from ..pipeline import PreferenceOutput
 from .packing import CandidateCollator, candidate_logps, candidate_rows, resolve_layout
 
 LOSS_STATE_NAME = "napo_loss_state.pt"
@@ -215,6 +217,11 @@ class PreferenceTrainer(_CandidateTrainer):
         if reference == "adapters" and not _is_peft(model):
             raise ValueError("reference='adapters' needs a peft model (adapters to disable)")
         if reference == "model" and ref_model is None:
+            if sharding_of(model) is not None:
+                raise ValueError(
+                    "a sharded model (FSDP2 / ZeRO-3) cannot be copied into a reference model: pass "
+                    "ref_model= (loaded and sharded the same way) or reference='none'"
+                )
             ref_model = copy.deepcopy(model)  # the frozen starting point, as DPO does for full fine-tuning
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
@@ -228,8 +235,25 @@ class PreferenceTrainer(_CandidateTrainer):
         self.criterion.to(self.args.device)
         if share_across_ranks and self.criterion.process_group is None:
             self.criterion.process_group = data_parallel_group()  # None single-process
-        if self.ref_model is not None:
+        if self.ref_model is not None and sharding_of(self.ref_model) == "zero3":
+            self.ref_model = self._zero3_engine(self.ref_model)
+        elif self.ref_model is not None and sharding_of(self.ref_model) is None:  # FSDP2 places its shards
             self.ref_model.to(self.args.device)
+
+    def _zero3_engine(self, model: nn.Module) -> nn.Module:
+        """A ZeRO-3 partitioned reference model runs only inside a DeepSpeed engine (its hooks
+        gather each module's parameters): wrap it in one, without optimizer, from the Trainer's config."""
+        import deepspeed
+
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            raise ValueError("ref_model is ZeRO-3 partitioned, but the Trainer does not run DeepSpeed")
+        config = copy.deepcopy(plugin.deepspeed_config)
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()  # the engine's eval() returns None
+        return engine
 
     # -- pieces of a step -------------------------------------------------------------------
 
@@ -253,9 +277,9 @@ class PreferenceTrainer(_CandidateTrainer):
         """``[B, H]`` mean history-item embeddings (see :class:`CandidateCollator`), or None."""
         if self.user_embedding_source is None or "history_ids" not in inputs:
             return None
-        emb = model.get_input_embeddings().weight.detach()
-        w = inputs["history_weights"].to(emb.dtype)
-        return (emb[inputs["history_ids"]] * w[..., None]).sum(1).float()
+        # the embedding module, not its weight: under FSDP2 / ZeRO-3 only its forward sees the whole table
+        emb = model.get_input_embeddings()(inputs["history_ids"])
+        return (emb * inputs["history_weights"].to(emb.dtype)[..., None]).sum(1).float()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         core = self._core(model)
@@ -267,16 +291,42 @@ class PreferenceTrainer(_CandidateTrainer):
             )
         self.criterion.train(core.training)  # the margin EMA moves on training steps only
         ref = self.reference_logps(core, inputs, through=model)
+        if sharding_of(core) is None:
+            loss, out, metrics = self._policy_loss(core, inputs, ref, through=model)
+        else:  # inside the model's forward, where the sharding engine gathers the head (and embeddings)
+            loss, out, metrics = run_as_forward(model, self._policy_loss, core, inputs, ref, None)
+        self._store(metrics, core.training)
+        return (loss, out) if return_outputs else loss
+
+    def _policy_loss(
+        self, core: nn.Module, inputs: dict[str, Tensor], ref: Tensor | None, through: nn.Module | None
+    ) -> tuple[Tensor, PreferenceOutput, dict[str, Tensor]]:
+        """The training loss (preference, plus the SFT term), the criterion's output and the step's
+        metrics. Without ``through`` (a sharded model: this runs as its forward) the output holds only
+        detached tensors: what leaves a forward needing a gradient gets the engine's backward hooks."""
         users = self.user_embeddings(core, inputs)
-        rows = candidate_rows(core, inputs, through=model)
-        head = lm_head_of(core)  # weight, bias, soft-cap and logit scale of the model's own head
+        rows = candidate_rows(core, inputs, through=through)
+
+        def loss_of(head: LMHead, rows: Tensor) -> tuple[Tensor, PreferenceOutput, dict[str, Tensor]]:
+            loss, out, metrics = self._loss_from_rows(head, rows, inputs, ref, users)
+            if through is None:
+                out = PreferenceOutput(
+                    out.loss.detach(), out.chosen_logps.detach(), out.rejected_logps.detach(), out.metrics,
+                    None if out.rows is None else out.rows.detach(),
+                )  # fmt: skip
+            return loss, out, metrics
+
+        return with_gathered_head(core, loss_of, rows)
+
+    def _loss_from_rows(
+        self, head: LMHead, rows: Tensor, inputs: dict[str, Tensor], ref: Tensor | None, users: Tensor | None
+    ) -> tuple[Tensor, PreferenceOutput, dict[str, Tensor]]:
+        b, c = inputs["candidate_mask"].shape
         out = self.criterion(
             rows,
-            head.weight,
+            head.weight,  # with bias, soft-cap and logit scale: the model's own head
             inputs["score_labels"],
-            bias=head.bias,
-            softcap=head.softcap,
-            logit_scale=head.logit_scale,
+            **head.loss_kwargs(),
             sequence_ids=inputs["score_sequence"],
             num_prompts=b,
             num_candidates=c,
@@ -294,8 +344,7 @@ class PreferenceTrainer(_CandidateTrainer):
             loss = loss + self.sft_weight * nll
             metrics["sft/nll_per_token"] = nll.detach()
         metrics["loss/preference"] = out.loss.detach()
-        self._store(metrics, core.training)
-        return (loss, out) if return_outputs else loss
+        return loss, out, metrics
 
     # -- checkpoints carry the loss state (NAPO's margin EMA) -------------------------------
 
