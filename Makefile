@@ -27,7 +27,7 @@ $(VENV)/bin/python:
 # C++ extension, built against that torch (no build isolation: the venv's setuptools reads pyproject.toml).
 $(STAMP): $(VENV)/bin/python $(SOURCES)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy ninja "setuptools>=77"
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "triton>=3.1" "pytest>=8" "hypothesis>=6.100" tqdm matplotlib transformers peft tokenizers "trl>=1.16,<1.17"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "triton>=3.1" "pytest>=8" "hypothesis>=6.100" tqdm matplotlib transformers peft tokenizers "trl>=1.16,<1.17" "deepspeed==0.19.8"
 	$(PY) -m pip install --quiet --no-build-isolation -e .
 	$(PY) -c "import napo_kernels as nk; print({k: v.available for k, v in nk.backends().items()})"
 	touch $(STAMP)
