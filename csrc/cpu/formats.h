@@ -7,15 +7,17 @@
 #include <cstdint>
 #include <cstring>
 
+#include "napo_math.h"  // NAPO_INLINE
+
 namespace napo::cpu {
 
-inline uint32_t float_bits(float f) {
+NAPO_INLINE uint32_t float_bits(float f) {
   uint32_t b;
   std::memcpy(&b, &f, sizeof b);
   return b;
 }
 
-inline float bits_float(uint32_t b) {
+NAPO_INLINE float bits_float(uint32_t b) {
   float f;
   std::memcpy(&f, &b, sizeof f);
   return f;
@@ -30,23 +32,23 @@ using AccOf = typename F::acc;
 struct Float32 {
   using storage = float;
   using acc = float;
-  static float load(float x) { return x; }
-  static float store(float x) { return x; }
+  NAPO_INLINE static float load(float x) { return x; }
+  NAPO_INLINE static float store(float x) { return x; }
 };
 
 struct Float64 {
   using storage = double;
   using acc = double;
-  static double load(double x) { return x; }
-  static double store(double x) { return x; }
+  NAPO_INLINE static double load(double x) { return x; }
+  NAPO_INLINE static double store(double x) { return x; }
 };
 
 // bfloat16: the upper half of a float32.
 struct BFloat16 {
   using storage = uint16_t;
   using acc = float;
-  static float load(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
-  static uint16_t store(float f) {
+  NAPO_INLINE static float load(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+  NAPO_INLINE static uint16_t store(float f) {
     const uint32_t b = float_bits(f);
     const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;    // the carry may reach inf: correct
     return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);  // NaN: the canonical quiet NaN
@@ -57,7 +59,7 @@ struct BFloat16 {
 struct Float16 {
   using storage = uint16_t;
   using acc = float;
-  static float load(uint16_t h) {
+  NAPO_INLINE static float load(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
     const uint32_t em = h & 0x7FFFu;                            // exponent and mantissa
     const uint32_t normal = (em << 13) + ((127u - 15u) << 23);  // rebias the exponent
@@ -66,7 +68,7 @@ struct Float16 {
     const uint32_t mag = em >= 0x7C00u ? inf_nan : (em < 0x0400u ? sub : normal);
     return bits_float(sign | mag);
   }
-  static uint16_t store(float f) {
+  NAPO_INLINE static uint16_t store(float f) {
     const uint32_t b = float_bits(f);
     const uint32_t sign = (b >> 16) & 0x8000u;
     const uint32_t a = b & 0x7FFFFFFFu;  // |f|
