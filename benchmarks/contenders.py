@@ -20,8 +20,9 @@ from torch import Tensor
 import napo_kernels
 from napo_kernels import dispatch, reference
 from napo_kernels.constants import IGNORE_INDEX
+from napo_kernels.ops.linear_logprobs import keeps_logits
 
-from .cases import Inputs, Shape
+from .cases import DTYPES, Inputs, Shape
 
 BASELINES = ("plain", "sliced", "compile", "liger", "cce")
 LABELS = {
@@ -181,7 +182,13 @@ def napo_strategy(shape: Shape, device: torch.device | str, backend: str = "cpp"
             block += (
                 f" worked as {rows} rows x {cols}-column vocabulary tiles ({rows * cols * 4 / 2**20:.1f} MiB)"
             )
-    if shape.trainable:
+    head = torch.empty(0, shape.hidden, dtype=DTYPES[shape.dtype], device=device)  # its device, dtype, H
+    if shape.trainable and keeps_logits(backend, shape.scored_rows, head, chunk):
+        how = (
+            "trainable lm_head: softmax(logits) @ W from the forward for dH, the forward's logits kept "
+            "in the weight gradient's memory for dW (3 matrix products)"
+        )
+    elif shape.trainable:
         how = (
             "trainable lm_head: softmax(logits) @ W from the forward for dH, logits recomputed in the "
             "backward for dW (4 matrix products)"

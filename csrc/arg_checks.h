@@ -73,6 +73,17 @@ inline LogitSpec logit_spec(const char* op, std::optional<double> softcap, doubl
   return {logit_scale, softcap.value_or(0.0)};
 }
 
+// The forward's kept logits (csrc/cpu/tiled_linear.h): None, or [V, H] in the accumulation dtype.
+inline bool check_kept(const char* op, const std::optional<at::Tensor>& kept, const at::Tensor& hidden,
+                       const at::Tensor& weight) {
+  if (!kept.has_value()) return false;
+  check_device(op, "kept", *kept, hidden);
+  check_dtype(op, "kept", *kept, acc_type(hidden.scalar_type()));
+  check_shape(op, "kept", *kept, weight.sizes());
+  TORCH_CHECK_VALUE(kept->is_contiguous(), op, ": kept must be contiguous");
+  return true;
+}
+
 // Stage 1 from logits: logits [R, V].
 inline void check_logits(const char* op, const at::Tensor& logits, const at::Tensor& targets) {
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be [R, V], got ", logits.sizes());

@@ -85,18 +85,21 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads_end(
   return {d_hidden, d_weight, d_bias};
 }
 
+// The row-chunk loop keeps no logits (keep_logits is the CPU vocabulary tiles' alone): `kept` is [0].
 template <class Passes>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets_in, int64_t chunk_size, bool compute_expected, std::optional<double> softcap,
-    double logit_scale) {
+    double logit_scale, bool keep_logits) {
   check_linear("napo_C::linear_logprobs_fwd", hidden, weight, bias, targets_in, chunk_size);
+  TORCH_CHECK_VALUE(!keep_logits, "napo_C::linear_logprobs_fwd: keep_logits=True needs the CPU kernel");
   const LogitSpec spec = logit_spec("napo_C::linear_logprobs_fwd", softcap, logit_scale);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous();
   auto [logp, lse, expected] = linear_fwd_outputs(hidden, compute_expected);
-  if (rows == 0) return {logp, lse, expected};
+  const at::Tensor kept = at::empty({0}, acc);
+  if (rows == 0) return {logp, lse, expected, kept};
 
   // One [chunk, V] block in the products' dtype is reused by every chunk (and becomes the softmax).
   // Wide fp16: the weight converted once (the CPU takes this loop only when V fits one tile).
@@ -119,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
         out.copy_(at::mm(logits, w));
     }
   }
-  return {logp, lse, expected};
+  return {logp, lse, expected, kept};
 }
 
 template <class Passes>
@@ -127,9 +130,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     const at::Tensor& grad_in, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets_in, const at::Tensor& lse_in,
     int64_t chunk_size, bool need_hidden, bool need_weight, bool need_bias, std::optional<double> softcap,
-    double logit_scale) {
+    double logit_scale, const std::optional<at::Tensor>& kept) {
   const char* op = "napo_C::linear_logprobs_bwd";
   check_linear(op, hidden, weight, bias, targets_in, chunk_size);
+  TORCH_CHECK_VALUE(!kept.has_value(), op, ": kept logits come from the CPU kernel only");
   const LogitSpec spec = logit_spec(op, softcap, logit_scale);
   check_row_vector(op, "grad", grad_in, hidden);
   check_row_vector(op, "lse", lse_in, hidden);

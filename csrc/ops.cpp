@@ -41,12 +41,15 @@ TORCH_LIBRARY(napo_C, m) {
   m.set_python_module("napo_kernels.kernels.extension");
   m.def(
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int chunk_size, "
-      "bool compute_expected, float? softcap=None, float logit_scale=1.0) "
-      "-> (Tensor logp, Tensor lse, Tensor expected)");
+      "bool compute_expected, float? softcap=None, float logit_scale=1.0, bool keep_logits=False) "
+      "-> (Tensor logp, Tensor lse, Tensor expected, Tensor kept)");
+  // kept: the forward's raw logits, kept in the memory of the weight gradient (csrc/cpu/tiled_linear.h);
+  // the backward writes the weight gradient into it and returns d_weight empty
   m.def(
       "linear_logprobs_bwd(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
       "Tensor lse, int chunk_size, bool need_hidden, bool need_weight, bool need_bias, "
-      "float? softcap=None, float logit_scale=1.0) -> (Tensor d_hidden, Tensor d_weight, Tensor d_bias)");
+      "float? softcap=None, float logit_scale=1.0, Tensor(a!)? kept=None) "
+      "-> (Tensor d_hidden, Tensor d_weight, Tensor d_bias)");
   m.def("logits_logprobs_fwd(Tensor logits, Tensor targets) -> (Tensor logp, Tensor lse)");
   m.def("logits_logprobs_bwd(Tensor grad, Tensor logits, Tensor targets, Tensor lse) -> Tensor");
   m.def(

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import checks, dispatch
 from .constants import IGNORE_INDEX
-from .ops.linear_logprobs import linear_logprobs
+from .ops.linear_logprobs import keeps_logits, linear_logprobs
 from .ops.logits_logprobs import logits_logprobs
 
 # At most this many bytes of fp32 logits exist at once on the fused path (one [chunk, V] block).
@@ -234,8 +234,14 @@ def sequence_logprobs(
     if rows.shape[0] == 0:
         row_logps = rows.new_zeros(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     else:
+        # a trainable head on the cpp backend keeps its logits for the backward where they fit
+        keep = (
+            weight.requires_grad
+            and torch.is_grad_enabled()
+            and keeps_logits(name, rows.shape[0], weight, chunk)
+        )
         row_logps = linear_logprobs(
-            rows, weight, bias, targets, chunk, compute_expected, name, softcap, logit_scale
+            rows, weight, bias, targets, chunk, compute_expected, name, softcap, logit_scale, keep
         )[0]
     return _reduce(row_logps, rows_seq, num, reduction, sequence_mask, out_shape)
 

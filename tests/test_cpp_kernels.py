@@ -21,10 +21,11 @@ pytest.importorskip(
     reason="C++ extension napo_kernels._C is not built (pip install --no-build-isolation -e .)",
 )
 
+import napo_kernels as nk  # noqa: E402
 from napo_kernels import reference  # noqa: E402
 from napo_kernels.kernels import extension as cpp  # noqa: E402
 from napo_kernels.kernels import torch_chunked
-from napo_kernels.ops.linear_logprobs import linear_logprobs  # noqa: E402
+from napo_kernels.ops.linear_logprobs import keeps_logits, linear_logprobs  # noqa: E402
 from napo_kernels.ops.logits_logprobs import logits_logprobs  # noqa: E402
 from napo_kernels.ops.preference import preference_rows  # noqa: E402
 
@@ -178,6 +179,123 @@ def test_linear_backward(tile, rows, width, vocab, chunk_extra, with_bias, dtype
             assert _err(g, want) <= tol * max(want.abs().max().item(), 1.0), name
         else:
             _no_worse(g, t, want, dtype, margin=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kept logits (a trainable head, rows <= H): the forward writes its raw logits into the memory of the
+# weight gradient, the backward reads them there instead of recomputing them (3 products, not 4)
+# ---------------------------------------------------------------------------------------------
+
+KEPT_FLOATS = (torch.float64, torch.float32, torch.float16)  # bf16 logits are not kept
+NEEDS = [(True, True, True), (False, True, False), (False, False, True), (True, True, False)]
+
+
+@pytest.mark.slow  # many hypothesis examples
+@SETTINGS
+@given(
+    tile=st.sampled_from([None, 1, 7, 64]), rows=st.integers(1, 23), extra=st.integers(0, 14),
+    vocab=st.integers(1, 301), chunk_extra=st.integers(0, 26), with_bias=st.booleans(),
+    dtype=st.sampled_from(KEPT_FLOATS), seed=st.integers(0, 2**16), head=st.sampled_from(HEADS),
+    compute_expected=st.booleans(),
+    need=st.sampled_from(NEEDS),
+)  # fmt: skip
+def test_kept_logits_match_recompute(
+    tile, rows, extra, vocab, chunk_extra, with_bias, dtype, seed, head, compute_expected, need
+):
+    """Forward with kept logits: the same log-probs and E as without, and a [V, H] buffer in the
+    accumulation dtype; backward from them: the weight gradient written into that buffer (d_weight
+    comes back empty), the hidden and bias gradients as the recomputing backward's and the float64
+    ground truth's."""
+    width, chunk = rows + extra, rows + chunk_extra  # a budget of at least all rows: the scratch fits
+    need_hidden, need_weight, need_bias = need
+    hidden, weight, bias, targets, grad = _problem(rows, width, vocab, dtype, with_bias, seed, scale=2.0)
+    with vocab_tile(tile):
+        plain = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, chunk, compute_expected, *head)
+        *outs, kept = cpp.linear_logprobs_fwd(
+            hidden, weight, bias, targets, chunk, compute_expected, *head, keep_logits=True
+        )
+        for a, b, tol in zip(outs, plain, (TWIN_TOL[dtype], TWIN_TOL[dtype], GRAD_TWIN_RTOL[dtype])):
+            _close_twin(a, b, dtype, tol)  # the untiled loop (V <= tile) sums E in another order
+        assert kept.shape == weight.shape and kept.dtype == _acc(dtype)
+        args = (
+            grad,
+            hidden,
+            weight,
+            bias,
+            targets,
+            plain[1],
+            chunk,
+            need_hidden,
+            need_weight,
+            need_bias,
+            *head,
+        )
+        recomputed = cpp.linear_logprobs_bwd(*args)
+        got = list(cpp.linear_logprobs_bwd(*args, kept=kept))
+    assert got[1].numel() == 0
+    if need_weight:
+        got[1] = kept.to(dtype)
+    truth = _truth(hidden, weight, bias, targets, grad, head)
+    for name, wanted, g, t in zip(("d_hidden", "d_weight", "d_bias"), need, got, recomputed):
+        if not wanted:
+            assert g.numel() == 0, name
+            continue
+        _close_twin(g, t, dtype, GRAD_TWIN_RTOL[dtype])
+        want = truth[name]
+        if dtype == torch.float16:
+            _no_worse(g, t, want, dtype, margin=2e-2)
+        else:
+            tol = 1e-10 if dtype == torch.float64 else 5e-5
+            assert _err(g, want) <= tol * max(want.abs().max().item(), 1.0), name
+
+
+@pytest.mark.parametrize("head", [(None, 1.0), (1.5, 2.5)], ids=["plain", "cap"])
+@pytest.mark.parametrize("tile", [None, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gradcheck_kept_logits(with_bias, tile, head):
+    """gradcheck (float64) of a trainable head whose forward keeps its logits (7 rows <= H = 9)."""
+    hidden, weight, bias, targets, _ = _problem(7, 9, 13, torch.float64, with_bias, seed=4, scale=2.0)
+    for x in (hidden, weight, bias):
+        if x is not None:
+            x.requires_grad_(True)
+    assert keeps_logits("cpp", 7, weight, 7)
+
+    def f(h, w, b):
+        return linear_logprobs(h, w, b, targets, 7, True, "cpp", *head, True)[0]
+
+    with vocab_tile(tile):
+        assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+
+
+def test_kept_logits_only_where_they_fit(monkeypatch):
+    """rows <= H and products in the accumulation dtype (not bf16); NAPO_KERNELS_KEEP_LOGITS=0
+    turns it off; a step gives the same gradients either way."""
+    hidden, weight, bias, targets, _ = _problem(6, 5, 17, torch.float32, True, seed=1)
+    with pytest.raises(ValueError, match="rows <= H"):
+        cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 4, True, keep_logits=True)
+    with pytest.raises(ValueError, match="bf16"):
+        cpp.linear_logprobs_fwd(
+            hidden[:5].bfloat16(), weight.bfloat16(), None, targets[:5], 4, True, keep_logits=True
+        )
+    assert keeps_logits("cpp", 5, weight, 5) and not keeps_logits("cpp", 6, weight, 6)
+    assert not keeps_logits("torch", 5, weight, 4) and not keeps_logits("cpp", 5, weight.bfloat16(), 4)
+    big = torch.empty(2000, 64)  # 512-column tiles: 32 rows x 512 fit a [16, 2000] budget, not [8, 2000]
+    assert keeps_logits("cpp", 32, big, 16) and not keeps_logits("cpp", 32, big, 8)
+    targets = torch.zeros(32, dtype=torch.long)
+    with pytest.raises(ValueError, match="budget"):
+        cpp.linear_logprobs_fwd(torch.randn(32, 64), big, None, targets, 8, True, keep_logits=True)
+    labels = torch.randint(0, 17, (2, 3, 4), generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, 3, 4, 32, dtype=torch.float64)
+    weight = torch.randn(17, 32, dtype=torch.float64)
+    grads = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("NAPO_KERNELS_KEEP_LOGITS", flag)
+        assert keeps_logits("cpp", 24, weight, 24) == (flag == "1")
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        nk.sequence_logprobs(h, w, labels, backend="cpp", chunk_size=24).sum().backward()
+        grads.append((h.grad, w.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @SETTINGS
@@ -629,6 +747,7 @@ def _opcheck_cases():
     logits = torch.randn(6, 17)
     chosen, rejected, select, coef, margin = _preference_inputs(3, 8, torch.float32, 2, 0)
     ops = torch.ops.napo_C
+    kept_args = (grad[:5], hidden[:5], weight, bias, targets[:5], lse[:5], 5, True, True, True)
     return [
         (ops.linear_logprobs_fwd, (hidden, weight, bias, targets, 4, True)),
         (ops.linear_logprobs_fwd, (hidden, weight, None, targets, 2, False)),
@@ -636,6 +755,9 @@ def _opcheck_cases():
         (ops.linear_logprobs_bwd, (grad, hidden, weight, bias, targets, lse, 4, True, True, True)),
         (ops.linear_logprobs_bwd, (grad, hidden, weight, None, targets, lse, 3, True, False, False)),
         (ops.linear_logprobs_bwd, (grad, hidden, weight, bias, targets, lse, 4, True, True, True, 2.0, 0.5)),
+        # kept logits (5 rows <= H = 5, a budget of all rows): the backward writes dW into `kept`
+        (ops.linear_logprobs_fwd, (hidden[:5], weight, bias, targets[:5], 5, True, None, 1.0, True)),
+        (ops.linear_logprobs_bwd, (*kept_args, None, 1.0, torch.randn(17, 5))),
         (ops.logits_logprobs_fwd, (logits, targets)),
         (ops.logits_logprobs_bwd, (grad, logits, targets, lse)),
         (ops.preference_fwd, (chosen, rejected, select, coef, margin, 0)),
@@ -643,7 +765,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

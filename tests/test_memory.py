@@ -144,3 +144,34 @@ def test_chunk_size_from_memory_budget():
     assert nk.choose_chunk_size(10_000, V, cpu, 35 * V * 4) == 32  # whole tiles of 16 rows
     assert nk.choose_chunk_size(5, V, cpu, BLOCK) == 5  # never more than the rows
     assert nk.choose_chunk_size(10_000, V, cpu, 1) == 1  # at least one row
+
+
+def test_kept_logits_cost_no_memory(monkeypatch):
+    """A trainable head on the cpp backend keeps its 32 x 2000 logits (250 KiB, eight [16, V]-budget
+    blocks' worth of rows) in the memory of the weight gradient, allocated by the forward instead of
+    the backward: the step's peak growth is within one budget block of the peak with the logits
+    recomputed (NAPO_KERNELS_KEEP_LOGITS=0; measured: 10 KiB more, the forward's partial E of a
+    second vocabulary group while the gradient exists), and no allocation is larger than the
+    gradient or one block."""
+    pytest.importorskip("napo_kernels.kernels.extension", reason="C++ extension not built")
+    from napo_kernels.ops.linear_logprobs import keeps_logits
+
+    gen = torch.Generator().manual_seed(0)
+    h, chunk = 64, 16  # 32 scored rows <= H
+    hidden = torch.randn(2, 2, 8, h, generator=gen)
+    weight = torch.randn(V, h, generator=gen) / h**0.5
+    labels = torch.randint(0, V, (2, 2, 8), generator=gen)
+    peaks = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("NAPO_KERNELS_KEEP_LOGITS", flag)
+        assert keeps_logits("cpp", 32, weight, chunk) == (flag == "1")
+
+        def step():
+            x, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            nk.napo_loss(
+                x, w, labels, method="napo", sharing="all", backend="cpp", chunk_size=chunk
+            ).backward()
+
+        largest, peaks[flag] = allocations(step)
+        assert largest <= max(V * h * 4, chunk * V * 4), (flag, largest)
+    assert peaks["1"] <= peaks["0"] + chunk * V * 4, peaks

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import napo_kernels as nk
-from napo_kernels.ops.linear_logprobs import linear_logprobs, linear_logprobs_backward
+from napo_kernels.ops.linear_logprobs import keeps_logits, linear_logprobs, linear_logprobs_backward
 from napo_kernels.ops.logits_logprobs import logits_logprobs, logits_logprobs_backward
 from napo_kernels.ops.preference import preference_rows
 
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+NOT_AOT = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 def assert_opcheck(op, args) -> None:
@@ -43,12 +44,36 @@ def test_opcheck_stage1(backend, dtype):
     # a soft-capped, scaled head (Gemma 2 / Cohere): the same, with the two float arguments
     assert_opcheck(linear_logprobs, (hidden, weight, bias, targets, 3, False, backend, 2.0, 0.5))
     assert_opcheck(linear_logprobs, (hidden, weight.detach(), None, targets, 4, True, backend, 2.0, 0.5))
-    _, lse, _ = linear_logprobs(hidden.detach(), weight.detach(), bias.detach(), targets, 3, False, backend)
+    _, lse, _, _ = linear_logprobs(
+        hidden.detach(), weight.detach(), bias.detach(), targets, 3, False, backend
+    )
     grad = torch.randn(r, generator=gen).to(lse.dtype)
     for needs in [(True, True, True), (True, False, False), (False, True, False)]:
         args = (grad, hidden.detach(), weight.detach(), bias.detach(), targets, lse, 3, *needs, backend)
         assert_opcheck(linear_logprobs_backward, args)
         assert_opcheck(linear_logprobs_backward, (*args, 3.0, 1.5))
+    if keeps_logits(backend, 4, weight, 3):  # a trainable head keeping its logits (4 rows <= H = 5)
+        # not the AOT test: an opcheck returns every output, and the backward writes the weight
+        # gradient over this one (kept), which AOT cannot partition; sequence_logprobs does not
+        # return it, and the compiled training step below keeps logits too
+        args = (hidden[:4], weight, bias, targets[:4], 3, True, backend, 2.0, 0.5, True)
+        result = torch.library.opcheck(linear_logprobs, args, test_utils=NOT_AOT)
+        assert all(v == "SUCCESS" for v in result.values()), result
+        kept = linear_logprobs(hidden[:4].detach(), weight.detach(), None, targets[:4], 3, False, backend,
+                               keep_logits=True)[3]  # fmt: skip
+        args = (
+            grad[:4],
+            hidden[:4].detach(),
+            weight.detach(),
+            None,
+            targets[:4],
+            lse[:4],
+            3,
+            True,
+            True,
+            False,
+        )
+        assert_opcheck(linear_logprobs_backward, (*args, backend, None, 1.0, kept))
     logits = torch.randn(r, v, generator=gen).to(dtype).requires_grad_(True)
     assert_opcheck(logits_logprobs, (logits, targets, 2, backend))
     _, lse = logits_logprobs(logits.detach(), targets, 2, backend)
@@ -100,22 +125,23 @@ def train_steps(model, criterion, batches, compiler: str | None):
 
 
 COMPILE_CASES = [
-    pytest.param("aot_eager", "torch", id="aot_eager-torch"),
-    pytest.param("aot_eager", "cpp", id="aot_eager-cpp"),
-    pytest.param("inductor", "torch", id="inductor-torch"),
+    pytest.param("aot_eager", "torch", 8, id="aot_eager-torch"),
+    pytest.param("aot_eager", "cpp", 8, id="aot_eager-cpp"),
+    pytest.param("aot_eager", "cpp", 32, id="aot_eager-cpp-kept-logits"),  # 18 rows <= H: kept
+    pytest.param("inductor", "torch", 8, id="inductor-torch"),
 ]
 
 
 @pytest.mark.slow  # torch.compile
-@pytest.mark.parametrize(("compiler", "kernel_backend"), COMPILE_CASES)
-def test_compiled_training_step_matches_eager(compiler, kernel_backend):
+@pytest.mark.parametrize(("compiler", "kernel_backend", "h"), COMPILE_CASES)
+def test_compiled_training_step_matches_eager(compiler, kernel_backend, h):
     """Three NAPO steps through ``PreferenceLoss`` (margin EMA state included) under torch.compile."""
     info = nk.backends()[kernel_backend]
     if not info.available:
         pytest.skip(f"backend {kernel_backend!r} unavailable: {info.reason}")
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(2)
-    b, c, t, h, v = 2, 3, 4, 8, 17
+    b, c, t, v = 2, 3, 4, 17
     model = TinyLM(v, h).double()
     batches = []
     for _ in range(3):

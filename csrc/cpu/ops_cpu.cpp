@@ -96,37 +96,54 @@ struct CpuPasses {
   }
 };
 
-// Stage 1 entry points: vocabulary tiles when the vocabulary is wider than one tile.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
+// Stage 1 entry points: vocabulary tiles when the vocabulary is wider than one tile or the logits
+// are kept (cpu/tiled_linear.h: in the weight gradient's memory, when rows <= H and the products run
+// in the accumulation dtype, i.e. not bf16).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, int64_t chunk_size, bool compute_expected, std::optional<double> softcap,
-    double logit_scale) {
+    double logit_scale, bool keep_logits) {
   const char* op = "napo_C::linear_logprobs_fwd";
   check_linear(op, hidden, weight, bias, targets, chunk_size);
   const LogitSpec spec = logit_spec(op, softcap, logit_scale);
   const cpu::TilePlan plan = cpu::plan_tiles(hidden.size(0), weight.size(0), chunk_size);
-  if (!plan.tiled)
+  if (!plan.tiled && !keep_logits)
     return linear_logprobs_fwd<CpuPasses>(hidden, weight, bias, targets, chunk_size, compute_expected,
-                                          softcap, logit_scale);
-  return cpu::tiled_linear_fwd<CpuPasses>(hidden, weight, bias, targets, plan, compute_expected, spec);
+                                          softcap, logit_scale, false);
+  const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
+  if (keep_logits) {
+    TORCH_CHECK_VALUE(
+        hidden.size(0) <= hidden.size(1), op, ": keep_logits needs rows <= H (the logits then fit ",
+        "the weight gradient's memory), got ", hidden.size(0), " rows and H = ", hidden.size(1));
+    TORCH_CHECK_VALUE(hidden.scalar_type() != at::kBFloat16, op,
+                      ": keep_logits: bf16 logits are not kept (its products do not run in fp32)");
+    TORCH_CHECK_VALUE(hidden.size(0) * plan.width <= chunk_size * weight.size(0), op,
+                      ": keep_logits: the backward's scratch (all rows of one vocabulary tile) exceeds the [",
+                      chunk_size, ", V] budget");
+  }
+  at::Tensor kept = keep_logits ? at::empty(weight.sizes(), acc) : at::empty({0}, acc);
+  auto [logp, lse, expected] = cpu::tiled_linear_fwd<CpuPasses>(
+      hidden, weight, bias, targets, plan, compute_expected, spec, keep_logits ? kept : at::Tensor());
+  return {logp, lse, expected, kept};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
     int64_t chunk_size, bool need_hidden, bool need_weight, bool need_bias, std::optional<double> softcap,
-    double logit_scale) {
+    double logit_scale, const std::optional<at::Tensor>& kept) {
   const char* op = "napo_C::linear_logprobs_bwd";
   check_linear(op, hidden, weight, bias, targets, chunk_size);
   check_row_vector(op, "grad", grad, hidden);
   check_row_vector(op, "lse", lse, hidden);
+  const bool keep = check_kept(op, kept, hidden, weight);
   const LogitSpec spec = logit_spec(op, softcap, logit_scale);
   const cpu::TilePlan plan = cpu::plan_tiles(hidden.size(0), weight.size(0), chunk_size);
-  if (!plan.tiled)
+  if (!plan.tiled && !keep)
     return linear_logprobs_bwd<CpuPasses>(grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden,
-                                          need_weight, need_bias, softcap, logit_scale);
+                                          need_weight, need_bias, softcap, logit_scale, std::nullopt);
   return cpu::tiled_linear_bwd<CpuPasses>(grad, hidden, weight, bias, targets, lse, plan, need_hidden,
-                                          need_weight, need_bias, spec);
+                                          need_weight, need_bias, spec, keep ? *kept : at::Tensor());
 }
 
 std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, const at::Tensor& rejected_in,

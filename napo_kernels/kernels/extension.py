@@ -38,10 +38,14 @@ def linear_logprobs_fwd(
     compute_expected: bool,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _ops.linear_logprobs_fwd(
-        hidden, weight, bias, targets, chunk_size, compute_expected, softcap, logit_scale
+    keep_logits: bool = False,
+) -> tuple[Tensor, ...]:
+    """The contract's ``(logp, lse, expected)``; with ``keep_logits`` (CPU) a fourth output, the raw
+    logits kept in a ``[V, H]`` buffer for the backward (``csrc/cpu/tiled_linear.h``)."""
+    out = _ops.linear_logprobs_fwd(
+        hidden, weight, bias, targets, chunk_size, compute_expected, softcap, logit_scale, keep_logits
     )
+    return tuple(out) if keep_logits else tuple(out[:3])
 
 
 def linear_logprobs_bwd(
@@ -57,10 +61,13 @@ def linear_logprobs_bwd(
     need_bias: bool,
     softcap: float | None = None,
     logit_scale: float = 1.0,
+    kept: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """With ``kept`` (the forward's fourth output) the weight gradient is written into it and
+    ``d_weight`` comes back empty."""
     return _ops.linear_logprobs_bwd(
         grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias,
-        softcap, logit_scale,
+        softcap, logit_scale, kept,
     )  # fmt: skip
 
 
@@ -85,16 +92,28 @@ def preference_fwd(
 
 
 @torch.library.register_fake("napo_C::linear_logprobs_fwd")
-def _(hidden, weight, bias, targets, chunk_size, compute_expected, softcap=None, logit_scale=1.0):
-    return fakes.linear_logprobs_fwd(hidden, compute_expected)
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    chunk_size,
+    compute_expected,
+    softcap=None,
+    logit_scale=1.0,
+    keep_logits=False,
+):
+    return (*fakes.linear_logprobs_fwd(hidden, compute_expected), fakes.kept(hidden, weight, keep_logits))
 
 
 @torch.library.register_fake("napo_C::linear_logprobs_bwd")
 def _(
     grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias,
-    softcap=None, logit_scale=1.0,
+    softcap=None, logit_scale=1.0, kept=None,
 ):  # fmt: skip
-    return fakes.linear_logprobs_bwd(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    return fakes.linear_logprobs_bwd(
+        hidden, weight, bias, need_hidden, need_weight and kept is None, need_bias
+    )
 
 
 @torch.library.register_fake("napo_C::logits_logprobs_fwd")

@@ -25,6 +25,11 @@ def linear_logprobs_fwd(hidden: Tensor, compute_expected: bool) -> tuple[Tensor,
     )
 
 
+def kept(hidden: Tensor, weight: Tensor, keep_logits: bool) -> Tensor:
+    """The forward's kept logits: ``[V, H]`` in the accumulation dtype with ``keep_logits``, else ``[0]``."""
+    return hidden.new_empty(tuple(weight.shape) if keep_logits else (0,), dtype=acc_dtype(hidden.dtype))
+
+
 def linear_logprobs_bwd(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, need_hidden: bool, need_weight: bool, need_bias: bool
 ) -> tuple[Tensor, Tensor, Tensor]:

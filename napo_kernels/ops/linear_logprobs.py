@@ -9,16 +9,45 @@ docs/design.md). The target's slope ``c_r = dz_y / draw_y`` is ``logit_scale`` w
 with one ``logit_scale / cosh^2(logit_scale raw_y / softcap)`` from the target's raw logit
 ``raw_y = h_r . W[y_r] + b[y_r]`` (one dot product per row). A frozen ``lm_head`` needs nothing
 else; a trainable one gets its weight and bias gradients from
-``napo_kernels::linear_logprobs_backward``, which recomputes the logits from the saved ``lse``.
+``napo_kernels::linear_logprobs_backward``, which recomputes the logits from the saved ``lse``, or,
+with ``keep_logits=True`` (the ``cpp`` backend; see ``keeps_logits``), reads the raw logits the
+forward kept in a ``[V, H]`` buffer that becomes the weight gradient: the fourth output ``kept``.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
 
 from .. import dispatch
 from ..kernels import fakes
+
+# fp32/fp64, and fp16 (whose products the CPU runs in fp32): bf16 logits are recomputed
+_KEPT_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def keeps_logits(backend: str, rows: int, weight: Tensor, chunk_size: int) -> bool:
+    """Whether a trainable head's forward on ``backend`` keeps its raw logits for the backward: the
+    ``cpp`` backend does when they fit the weight gradient's memory (``rows <= H``; the gradient is
+    allocated by the forward instead of the backward, so the step's peak memory does not change)
+    and the backward's scratch, all rows of one vocabulary tile, fits the ``[chunk_size, V]``
+    budget; this saves the backward's product that recomputes them. ``NAPO_KERNELS_KEEP_LOGITS=0``
+    turns it off (the buffer lives from the forward to the backward: many forwards before one
+    backward hold one each)."""
+    if not (
+        backend == "cpp"
+        and os.environ.get("NAPO_KERNELS_KEEP_LOGITS", "1") != "0"
+        and weight.device.type == "cpu"
+        and weight.dtype in _KEPT_DTYPES
+        and 0 < rows <= weight.shape[1]
+    ):
+        return False
+    from ..kernels.extension import cpu_block_shape  # the cpp backend is available: _C loads
+
+    width = cpu_block_shape(rows, weight.shape[0], chunk_size)[1]
+    return rows * width <= chunk_size * weight.shape[0]
 
 
 @torch.library.custom_op("napo_kernels::linear_logprobs", mutates_args=())
@@ -32,23 +61,35 @@ def linear_logprobs(
     backend: str,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``(logp, lse, expected)`` of the head's logits on ``backend`` (module docstring).
+    keep_logits: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row ``(logp, lse, expected, kept)`` of the head's logits on ``backend`` (module
+    docstring); ``kept`` is ``[V, H]`` with ``keep_logits`` (only where ``keeps_logits`` says so),
+    else ``[0]``.
 
     Inputs are trusted: ``targets`` must lie in ``[0, V)``, ``softcap`` be None or > 0 and
     ``logit_scale`` > 0 (not re-checked here; the public API validates them, see
     ``napo_kernels.kernels.torch_chunked``)."""
-    return dispatch.kernels(backend).linear_logprobs_fwd(
-        hidden, weight, bias, targets, chunk_size, compute_expected, softcap, logit_scale
-    )
+    kernels = dispatch.kernels(backend)
+    args = (hidden, weight, bias, targets, chunk_size, compute_expected, softcap, logit_scale)
+    if keep_logits:
+        if not keeps_logits(backend, hidden.shape[0], weight, chunk_size):
+            raise ValueError(
+                f"keep_logits=True: backend {backend!r} does not keep these logits (keeps_logits)"
+            )
+        return kernels.linear_logprobs_fwd(*args, keep_logits=True)
+    return (*kernels.linear_logprobs_fwd(*args), fakes.kept(hidden, weight, False))
 
 
 @linear_logprobs.register_fake
-def _(hidden, weight, bias, targets, chunk_size, compute_expected, backend, softcap=None, logit_scale=1.0):
-    return fakes.linear_logprobs_fwd(hidden, compute_expected)
+def _(
+    hidden, weight, bias, targets, chunk_size, compute_expected, backend, softcap=None, logit_scale=1.0,
+    keep_logits=False,
+):  # fmt: skip
+    return (*fakes.linear_logprobs_fwd(hidden, compute_expected), fakes.kept(hidden, weight, keep_logits))
 
 
-@torch.library.custom_op("napo_kernels::linear_logprobs_backward", mutates_args=())
+@torch.library.custom_op("napo_kernels::linear_logprobs_backward", mutates_args=("kept",))
 def linear_logprobs_backward(
     grad: Tensor,
     hidden: Tensor,
@@ -63,29 +104,39 @@ def linear_logprobs_backward(
     backend: str,
     softcap: float | None = None,
     logit_scale: float = 1.0,
+    kept: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d_hidden, d_weight, d_bias)`` of ``sum(grad * logp)``; inputs trusted as in the forward."""
-    return dispatch.kernels(backend).linear_logprobs_bwd(
-        grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias,
-        softcap, logit_scale,
-    )  # fmt: skip
+    """``(d_hidden, d_weight, d_bias)`` of ``sum(grad * logp)``; inputs trusted as in the forward.
+    With ``kept`` (the forward's): the weight gradient is written into it (in the accumulation
+    dtype) and ``d_weight`` comes back empty."""
+    args = (grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias,
+            softcap, logit_scale)  # fmt: skip
+    kernels = dispatch.kernels(backend)
+    if kept is None:
+        return kernels.linear_logprobs_bwd(*args)
+    return kernels.linear_logprobs_bwd(*args, kept=kept)
 
 
 @linear_logprobs_backward.register_fake
 def _(
     grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias, backend,
-    softcap=None, logit_scale=1.0,
+    softcap=None, logit_scale=1.0, kept=None,
 ):  # fmt: skip
-    return fakes.linear_logprobs_bwd(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    return fakes.linear_logprobs_bwd(
+        hidden, weight, bias, need_hidden, need_weight and kept is None, need_bias
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, targets, chunk_size, compute_expected, backend, softcap, logit_scale = inputs
-    _, lse, expected = output
+    hidden, weight, bias, targets, chunk_size, compute_expected, backend, softcap, logit_scale, keep = inputs
+    _, lse, expected, kept = output
     ctx.chunk_size, ctx.compute_expected, ctx.backend = chunk_size, compute_expected, backend
-    ctx.softcap, ctx.logit_scale = softcap, logit_scale
+    ctx.softcap, ctx.logit_scale, ctx.keep_logits = softcap, logit_scale, keep
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, expected)
+    ctx.mark_non_differentiable(lse, expected, kept)
+    ctx.set_materialize_grads(False)  # else autograd builds zero gradients for them: [V, H] for kept
+    ctx.kept_consumed = False  # the first backward writes the weight gradient over the kept logits
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, expected, kept)
 
 
 def _target_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, acc, ctx) -> Tensor:
@@ -101,27 +152,41 @@ def _target_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
     return w_y * ctx.logit_scale if ctx.logit_scale != 1.0 else w_y
 
 
-def _backward(ctx, grad_logp, grad_lse, grad_expected):
-    hidden, weight, bias, targets, lse, expected = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_lse, grad_expected, grad_kept):
+    hidden, weight, bias, targets, lse, expected, kept = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    nothing = (None,) * 6  # targets, chunk_size, compute_expected, backend, softcap, logit_scale
+    # targets, chunk_size, compute_expected, backend, softcap, logit_scale, keep_logits
+    nothing = (None,) * 7
     if grad_logp is None:
         return None, None, None, *nothing
     grad = grad_logp.to(lse.dtype)
     d_hidden = d_weight = d_bias = None
     need_bias = need_bias and ctx.has_bias
     from_expected = need_hidden and ctx.compute_expected
+    # the weight and bias gradients first: their scratch is freed before the hidden gradient exists
+    if need_weight or need_bias or (need_hidden and not from_expected):
+        rest = need_hidden and not from_expected
+        if ctx.keep_logits and ctx.kept_consumed:
+            # another backward through the same graph (retain_graph, gradcheck): the logits kept
+            # again by the same products, so the same bits
+            head = (ctx.softcap, ctx.logit_scale)
+            kept = linear_logprobs(
+                hidden, weight, bias, targets, ctx.chunk_size, False, ctx.backend, *head, True
+            )[3]
+        # .data: the saved tensor keeps its version, so another backward can still unpack the others
+        kept = kept.data if ctx.keep_logits else None
+        ctx.kept_consumed = ctx.keep_logits
+        d_h, d_w, d_b = linear_logprobs_backward(
+            grad, hidden, weight, bias, targets, lse, ctx.chunk_size, rest, need_weight, need_bias,
+            ctx.backend, ctx.softcap, ctx.logit_scale, kept,
+        )  # fmt: skip
+        if kept is not None and need_weight:  # written into the kept buffer (accumulation dtype)
+            d_w = kept if kept.dtype == weight.dtype else kept.to(weight.dtype)
+        d_hidden = d_h if rest else None
+        d_weight, d_bias = (d_w if need_weight else None), (d_b if need_bias else None)
     if from_expected:  # d s_r / d h_r = c_r W[y_r] - E_r: no vocabulary work
         target_rows = _target_rows(hidden, weight, bias, targets, lse.dtype, ctx)
         d_hidden = (grad[:, None] * (target_rows - expected)).to(hidden.dtype)
-    if need_weight or need_bias or (need_hidden and not from_expected):
-        rest = need_hidden and not from_expected
-        d_h, d_w, d_b = linear_logprobs_backward(
-            grad, hidden, weight, bias, targets, lse, ctx.chunk_size,
-            rest, need_weight, need_bias, ctx.backend, ctx.softcap, ctx.logit_scale,
-        )  # fmt: skip
-        d_hidden = d_hidden if from_expected else (d_h if need_hidden else None)
-        d_weight, d_bias = (d_w if need_weight else None), (d_b if need_bias else None)
     return d_hidden, d_weight, d_bias, *nothing
 
 
