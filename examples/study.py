@@ -428,6 +428,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     res["reward_acc/val"] = reward_accuracy(scores, ref["val"], val)
     s = score_candidates(model, tok, train_sample, template, batch_size=16, progress=False)
     res["reward_acc/train"] = reward_accuracy(s, ref["train"], train_sample)
+    hits = scores.argmax(1) == torch.tensor([e.target_index for e in val])
     return {
         "setup": job["setup"],
         "recipe": job["recipe"],
@@ -435,6 +436,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "seed": seed,
         "K": k,
         "metrics": res,
+        "val_hits": hits.int().tolist(),  # per prompt: the paired test against the control
         "curve": curve.points if curve is not None else [],
         "train_log": logs,
         "train_seconds": seconds,
@@ -487,17 +489,18 @@ def sweep_table(out: Path, setup: str) -> str:
         if run.get("setup") == setup:
             by_recipe[json.dumps(run["recipe"], sort_keys=True)].append(run)
     rows = [
-        "| configuration | arms | seeds | best arm | its HR@1 gain over control | z |",
-        "|---|---|---|---|---|---|",
+        "| configuration | arms | seeds | best arm | its HR@1 gain over control | z seeds | z prompts |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, runs in by_recipe.items():
         arms = sorted({r["arm"] for r in runs}, key=ARMS.index)
         seeds = min(sum(r["arm"] == a for r in runs) for a in arms)
         stats = summarise(runs, arms)
         gains = [(s["gain"], a) for a, s in stats.items() if "gain" in s]
-        best = (
-            "| | " if not gains else "| {} | {:+.3f} | {:+.1f} ".format(LABELS[max(gains)[1]], *max(gains)[0])
-        )
+        best = "| | | "
+        if gains:
+            (g, z), arm = max(gains)
+            best = f"| {LABELS[arm]} | {g:+.3f} | {z:+.1f} | {stats[arm]['paired'][1]:+.1f} "
         name = Recipe(**json.loads(key)).name(Recipe())
         rows.append(f"| {name} | {len(arms)} | {seeds} {best}|")
     rows.append(f"\n{len(by_recipe)} configuration(s) tried on this setup.")
@@ -513,13 +516,29 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / len(values))
 
 
+def paired_gain(arm_runs: list[dict], control_runs: list[dict]) -> tuple[float, float]:
+    """HR@1 gain over the control and its z over the validation prompts: each prompt's hit rate
+    (mean over seeds) minus the control's, the mean of those differences over its standard error.
+    It adds the sampling of the prompts to the seeds' spread (nan if a run lacks per-prompt hits)."""
+    if not all("val_hits" in r for r in arm_runs + control_runs):
+        return math.nan, math.nan
+    a = torch.tensor([r["val_hits"] for r in arm_runs], dtype=torch.float64).mean(0)
+    c = torch.tensor([r["val_hits"] for r in control_runs], dtype=torch.float64).mean(0)
+    d = a - c
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    gain = float(d.mean())
+    return gain, gain / se if se > 0 else math.nan
+
+
 def summarise(runs: list[dict], arms: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
-    """``{arm: {metric: (mean, se)}}`` across seeds, and the gain over the control (``gain``, ``z``)."""
+    """``{arm: {metric: (mean, se)}}`` across seeds, and the HR@1 gain over the control with its z
+    across seeds (``gain``: ``(mean_a - mean_c) / sqrt(se_a^2 + se_c^2)``) and over prompts
+    (``paired``: :func:`paired_gain`)."""
     by_arm: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        by_arm[run["arm"]].append(run["metrics"])
+        by_arm[run["arm"]].append(run)
     out = {
-        arm: {key: mean_se([m[key] for m in by_arm[arm]]) for key, _ in COLUMNS}
+        arm: {key: mean_se([r["metrics"][key] for r in by_arm[arm]]) for key, _ in COLUMNS}
         for arm in arms
         if by_arm[arm]
     }
@@ -532,6 +551,7 @@ def summarise(runs: list[dict], arms: list[str]) -> dict[str, dict[str, tuple[fl
                 gain = m - c
                 spread = math.sqrt(se**2 + c_se**2)
                 stats["gain"] = (gain, gain / spread if spread > 0 else math.nan)
+                stats["paired"] = paired_gain(by_arm[arm], by_arm["control"])
     return out
 
 
@@ -540,14 +560,21 @@ def _cell(mean: float, se: float) -> str:
 
 
 def table(stats: dict, sft: dict[str, float], seeds: int) -> str:
-    head = "| arm | " + " | ".join(t for _, t in COLUMNS) + " | HR@1 gain over control (z) |"
-    rows = [head, "|" + "---|" * (len(COLUMNS) + 2)]
-    rows.append(f"| {LABELS['sft']} | " + " | ".join(f"{sft[k]:.3f}" for k, _ in COLUMNS) + " | |")
+    head = (
+        "| arm | " + " | ".join(t for _, t in COLUMNS) + " | HR@1 gain over control | z seeds | z prompts |"
+    )
+    rows = [head, "|" + "---|" * (len(COLUMNS) + 4)]
+    rows.append(f"| {LABELS['sft']} | " + " | ".join(f"{sft[k]:.3f}" for k, _ in COLUMNS) + " | | | |")
     for arm, s in stats.items():
-        gain = s.get("gain")
-        g = "" if gain is None else f"{gain[0]:+.3f} ({gain[1]:+.1f})"
-        rows.append(f"| {LABELS[arm]} | " + " | ".join(_cell(*s[k]) for k, _ in COLUMNS) + f" | {g} |")
-    rows.append(f"\nmean ± standard error over {seeds} seeds; the SFT checkpoint is one model (no spread).")
+        g = "| | |"
+        if "gain" in s:
+            g = f"{s['gain'][0]:+.3f} | {s['gain'][1]:+.1f} | {s['paired'][1]:+.1f} |"
+        rows.append(f"| {LABELS[arm]} | " + " | ".join(_cell(*s[k]) for k, _ in COLUMNS) + f" | {g}")
+    rows.append(
+        f"\nmean ± standard error over {seeds} seeds; the SFT checkpoint is one model (no spread). "
+        "z seeds: the gain over the standard error of the difference across seeds; z prompts: over "
+        "the standard error of the per-prompt differences (the sampling of the validation prompts)."
+    )
     return "\n".join(rows)
 
 

@@ -66,6 +66,16 @@ def test_gain_over_control_in_standard_errors_of_the_difference(study):
     gain, z = stats["napo"]["gain"]
     assert gain == pytest.approx(0.09) and z == pytest.approx(0.09 / math.hypot(se_c, se_n))
     assert "gain" not in stats["control"]
+    assert all(math.isnan(v) for v in stats["napo"]["paired"])  # no per-prompt hits in these runs
+
+
+def test_paired_gain_over_the_prompts(study):
+    control = [{"val_hits": [0, 0, 1, 1]}, {"val_hits": [0, 0, 1, 1]}]
+    arm = [{"val_hits": [1, 0, 1, 1]}, {"val_hits": [1, 0, 1, 1]}]
+    # per-prompt differences [1, 0, 0, 0]: mean 0.25, standard error 0.5 / 2
+    assert study.paired_gain(arm, control) == pytest.approx((0.25, 1.0))
+    arm[1]["val_hits"] = [0, 0, 1, 1]  # seeds average per prompt first: [0.5, 0, 0, 0]
+    assert study.paired_gain(arm, control) == pytest.approx((0.125, 1.0))
 
 
 def test_recipe_and_grid_checks(study):
@@ -138,6 +148,7 @@ def test_tiny_study_end_to_end(study, tmp_path, capsys):
         res = json.loads(path.read_text())
         assert [p["step"] for p in res["curve"]] == [0, 1, 2, 3]
         assert 0.0 <= res["metrics"]["reward_acc/val"] <= 1.0
+        assert sum(res["val_hits"]) / 24 == pytest.approx(res["metrics"]["rank/HR@1"])
     # the preference runs move the rewards away from the SFT model's 0.5; the seeds differ
     napo = [json.loads(p.read_text()) for p in runs if json.loads(p.read_text())["arm"] == "napo"]
     assert all(r["metrics"]["reward_acc/train"] != 0.5 for r in napo)
