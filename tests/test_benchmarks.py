@@ -114,7 +114,10 @@ def test_bars_judge_the_rows() -> None:
     assert judged["rec frozen: plain / napo time"].passed  # 11.1x >= 5x
     assert judged["rec frozen: napo / sliced time"].passed  # 0.9 <= 1.0
     assert judged["rec frozen: sliced / napo peak extra memory"].passed  # 10x >= 5x
-    assert judged["rec frozen: napo / bare-GEMM limit"].measured == pytest.approx(0.9 / 0.8)
+    limit = judged["rec frozen: napo / bare-GEMM limit"]
+    assert limit.measured == pytest.approx(0.9 / 0.8) and limit.passed is False  # > 1.05
+    fastest = judged["rec frozen: napo / fastest other contender time"]
+    assert fastest.passed and fastest.measured == pytest.approx(0.9) and fastest.detail == "fastest: sliced"
     assert judged["pool 3 -> 93 negatives/prompt (frozen): time all / own"].passed is False  # 1.06 > 1.05
     rows[1]["status"] = "error"  # a contender that did not run is never passed
     judged = {b.name: b for b in bars.judge([table], None)}
