@@ -24,7 +24,7 @@ sample of training prompts, ``val`` the evaluated validation prompts.
 cached under ``--out/runs`` (rerunning the command skips it), and ``--out/sweep.md`` lists every
 configuration tried with its best arm's gain over the control, so the search keeps its size honest.
 Keys: steps, lr, beta, k, tuning (lora, full), negatives (resample, fixed), reference (auto, none),
-sft_epochs.
+sft_epochs, sft_weight.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ class Recipe:
     negatives: str = "resample"
     reference: str = "auto"
     sft_epochs: float = 3.0
+    sft_weight: float = 0.0  # add this times the positive's token NLL to the preference loss
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -115,10 +116,20 @@ class Recipe:
                 raise ValueError(f"{name}={value!r}: expected one of {allowed}")
         if self.steps < 1 or self.k is not None and self.k < 1:
             raise ValueError(f"steps and k must be >= 1, got steps={self.steps}, k={self.k}")
+        if not self.sft_weight >= 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
         if not (self.lr > 0 and self.beta > 0 and self.sft_epochs > 0):
             raise ValueError(
                 f"lr, beta and sft_epochs must be > 0, got {self.lr}, {self.beta}, {self.sft_epochs}"
             )
+
+    def fields(self) -> dict[str, Any]:
+        """The fields that identify the recipe (``sft_weight`` only when set, so runs cached before
+        it existed keep their keys)."""
+        out = dataclasses.asdict(self)
+        if out["sft_weight"] == 0.0:
+            del out["sft_weight"]
+        return out
 
     def negatives_of(self, arm: str) -> int:
         if arm == "control":
@@ -219,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument(
         "--sft-epochs", type=rate, default=Recipe.sft_epochs, help="epochs of the SFT checkpoint"
+    )
+    study.add_argument(
+        "--sft-weight",
+        type=recipe._number(float, 0.0),
+        default=Recipe.sft_weight,
+        help="add this times the positive's token NLL to every preference loss (0: none)",
     )
     study.add_argument(
         "--grid", action="append", default=[], metavar="KEY=V1,V2", help="also vary KEY (repeatable)"
@@ -410,6 +427,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                 method=arm,
                 beta=r.beta,
                 reference=reference,
+                sft_weight=r.sft_weight,
                 train_dataset=dataset,
                 processing_class=tok,
             )
@@ -476,18 +494,36 @@ def setup_key(args: argparse.Namespace) -> str:
     return _digest(keys)
 
 
+# what the control (SFT continued) depends on: recipes differing only in the preference loss share it
+CONTROL_FIELDS = ("steps", "lr", "tuning", "sft_epochs")
+
+
+def arm_fields(r: Recipe, arm: str) -> dict[str, Any]:
+    fields = r.fields()
+    return {k: fields[k] for k in CONTROL_FIELDS} if arm == "control" else fields
+
+
 def run_key(args: argparse.Namespace, r: Recipe, arm: str, seed: int) -> str:
-    return _digest({"setup": setup_key(args)} | dataclasses.asdict(r) | {"arm": arm, "seed": seed})
+    return _digest({"setup": setup_key(args)} | arm_fields(r, arm) | {"arm": arm, "seed": seed})
 
 
 def sweep_table(out: Path, setup: str) -> str:
     """Every configuration of this setup in the cache (whichever command trained it): its best arm's
     HR@1 gain over the control, so a search reports its whole size."""
     by_recipe: dict[str, list[dict]] = defaultdict(list)
+    controls: dict[str, list[dict]] = defaultdict(list)
     for path in sorted((out / "runs").glob("*.json")):
         run = json.loads(path.read_text())
-        if run.get("setup") == setup:
-            by_recipe[json.dumps(run["recipe"], sort_keys=True)].append(run)
+        if run.get("setup") != setup:
+            continue
+        r = Recipe(**run["recipe"])
+        if run["arm"] == "control":
+            controls[json.dumps(arm_fields(r, "control"), sort_keys=True)].append(run)
+        else:
+            by_recipe[json.dumps(r.fields(), sort_keys=True)].append(run)
+    for key in by_recipe:  # each configuration with the control it shares
+        control_key = json.dumps(arm_fields(Recipe(**json.loads(key)), "control"), sort_keys=True)
+        by_recipe[key] += controls[control_key]
     rows = [
         "| configuration | arms | seeds | best arm | its HR@1 gain over control | z seeds | z prompts |",
         "|---|---|---|---|---|---|---|",
@@ -497,10 +533,10 @@ def sweep_table(out: Path, setup: str) -> str:
         seeds = min(sum(r["arm"] == a for r in runs) for a in arms)
         stats = summarise(runs, arms)
         gains = [(s["gain"], a) for a, s in stats.items() if "gain" in s]
-        best = "| | | "
+        best = "| | | | "
         if gains:
             (g, z), arm = max(gains)
-            best = f"| {LABELS[arm]} | {g:+.3f} | {z:+.1f} | {stats[arm]['paired'][1]:+.1f} "
+            best = f"| {LABELS[arm]} | {g:+.3f} | {_z(z)} | {_z(stats[arm]['paired'][1])} "
         name = Recipe(**json.loads(key)).name(Recipe())
         rows.append(f"| {name} | {len(arms)} | {seeds} {best}|")
     rows.append(f"\n{len(by_recipe)} configuration(s) tried on this setup.")
@@ -555,6 +591,10 @@ def summarise(runs: list[dict], arms: list[str]) -> dict[str, dict[str, tuple[fl
     return out
 
 
+def _z(z: float) -> str:
+    return "n/a" if math.isnan(z) else f"{z:+.1f}"
+
+
 def _cell(mean: float, se: float) -> str:
     return f"{mean:.3f}" if math.isnan(se) else f"{mean:.3f} ± {se:.3f}"
 
@@ -568,7 +608,7 @@ def table(stats: dict, sft: dict[str, float], seeds: int) -> str:
     for arm, s in stats.items():
         g = "| | |"
         if "gain" in s:
-            g = f"{s['gain'][0]:+.3f} | {s['gain'][1]:+.1f} | {s['paired'][1]:+.1f} |"
+            g = f"{s['gain'][0]:+.3f} | {_z(s['gain'][1])} | {_z(s['paired'][1])} |"
         rows.append(f"| {LABELS[arm]} | " + " | ".join(_cell(*s[k]) for k, _ in COLUMNS) + f" | {g}")
     rows.append(
         f"\nmean ± standard error over {seeds} seeds; the SFT checkpoint is one model (no spread). "
@@ -643,6 +683,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.negatives,
             args.reference,
             args.sft_epochs,
+            args.sft_weight,
         )
         grid = parse_grid(args.grid)
         recipes = [
@@ -682,12 +723,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in range(args.seeds):
                 key = run_key(args, r, arm, seed)
                 cached = out / "runs" / f"{key}.json"
+                if key in results or any(j["key"] == key for j in jobs):  # a control two recipes share
+                    continue
                 if cached.exists():
                     results[key] = json.loads(cached.read_text())
                 else:
                     job = {
                         "args": args,
-                        "recipe": dataclasses.asdict(r),
+                        "recipe": r.fields(),
                         "arm": arm,
                         "seed": seed,
                         "sft": str(checkpoints[r.sft_epochs]),
@@ -725,17 +768,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stats = summarise(runs, args.arms)
         name = r.name(Recipe())
         text = table(stats, sft_metrics[r.sft_epochs], args.seeds)
-        print(f"\n## {name}: {dataclasses.asdict(r)}\n\n{text}")
-        slug = _digest(dataclasses.asdict(r)) if name != "base" else "base"
+        print(f"\n## {name}: {r.fields()}\n\n{text}")
+        slug = _digest(r.fields()) if name != "base" else "base"
         plot(
             out / f"study-{slug}.png",
-            f"{name}: {dataclasses.asdict(r)}",
+            f"{name}: {r.fields()}",
             stats,
             runs,
             sft_metrics[r.sft_epochs],
         )
         report[name] = {
-            "recipe": dataclasses.asdict(r),
+            "recipe": r.fields(),
             "stats": stats,
             "sft": sft_metrics[r.sft_epochs],
             "table": text,

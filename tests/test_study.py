@@ -157,6 +157,13 @@ def test_tiny_study_end_to_end(study, tmp_path, capsys):
     # rerun: everything comes from the cache
     study.main([*TINY, "--jobs", "1", "--out", str(tmp_path / "a")])
     assert "to train" not in capsys.readouterr().out
+    # a recipe that changes only the preference loss shares the control's runs
+    study.main([*TINY, "--jobs", "1", "--beta", "0.5", "--out", str(tmp_path / "a")])
+    assert "2 run(s) to train (2 cached)" in capsys.readouterr().out
+    sweep = (tmp_path / "a" / "sweep.md").read_text()
+    assert (
+        "| steps=3 beta=0.5 sft_epochs=0.5 | 2 | 2 | NAPO |" in sweep and "2 configuration(s) tried" in sweep
+    )
 
     # two worker processes give the same numbers as one process
     study.main([*TINY, "--jobs", "2", "--out", str(tmp_path / "b")])
