@@ -15,7 +15,7 @@ LINT_STAMP := $(VENV)/.napo-lint-$(subst ==,-,$(RUFF_SPEC))-$(subst ==,-,$(CLANG
 PY_SOURCES := napo_kernels benchmarks tests examples scripts setup.py
 CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' | sort)
 
-.PHONY: setup install test test-fast lint format bench bench-deps demo check-cuda gpu-check clean
+.PHONY: setup install test test-fast lint format bench bench-deps demo study check-cuda gpu-check clean
 
 setup: $(STAMP) $(LINT_STAMP)
 
@@ -71,10 +71,15 @@ bench-deps: $(BENCH_STAMP)
 bench: setup bench-deps
 	$(PY) -m benchmarks
 
-# End to end on the synthetic world (< 5 minutes on 2 CPU cores): untrained vs SFT vs NAPO.
+# End to end on the synthetic world (about 5 minutes on 2 CPU cores): SFT, then NAPO and the control
+# (SFT continued for as many steps), 3 seeds each: the table gives mean +- standard error.
 demo: setup
-	$(PY) examples/train_recommender.py --methods sft napo --pref-steps 200 --pref-lr 3e-3 --max-eval 300 --quiet \
-	  --out runs/demo.json
+	$(PY) examples/study.py --arms control napo --seeds 3 --out runs/demo
+
+# Does the preference stage help? Every method against the control, 3 seeds, on the synthetic world
+# (docs/study.md). STUDY_ARGS adds options, e.g. STUDY_ARGS="--grid lr=1e-3,3e-3".
+study: setup
+	$(PY) examples/study.py --out runs/study $(STUDY_ARGS)
 
 # Compile every .cu file for each architecture (compile only: nothing runs without a GPU), warnings as
 # errors; then type-check the tensor-side CUDA wrappers (csrc/cuda/*.cpp) against the installed torch

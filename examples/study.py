@@ -39,6 +39,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -385,6 +386,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside peft/transformers
     template = RecPromptTemplate(domain=args.domain)
     train, val = load_data(args)
     train_sample = train[: args.train_acc_prompts]
