@@ -530,7 +530,9 @@ def sweep_table(out: Path, setup: str) -> str:
         "| configuration | arms | seeds | best arm | its HR@1 gain over control | z seeds | z prompts |",
         "|---|---|---|---|---|---|---|",
     ]
-    for key, runs in by_recipe.items():
+    names = {key: Recipe(**json.loads(key)).name(Recipe()) for key in by_recipe}
+    for key in sorted(by_recipe, key=lambda k: (names[k] != "base", names[k])):
+        runs = by_recipe[key]
         arms = sorted({r["arm"] for r in runs}, key=ARMS.index)
         seeds = min(sum(r["arm"] == a for r in runs) for a in arms)
         stats = summarise(runs, arms)
@@ -539,8 +541,7 @@ def sweep_table(out: Path, setup: str) -> str:
         if gains:
             (g, z), arm = max(gains)
             best = f"| {LABELS[arm]} | {g:+.3f} | {_z(z)} | {_z(stats[arm]['paired'][1])} "
-        name = Recipe(**json.loads(key)).name(Recipe())
-        rows.append(f"| {name} | {len(arms)} | {seeds} {best}|")
+        rows.append(f"| {names[key]} | {len(arms)} | {seeds} {best}|")
     rows.append(f"\n{len(by_recipe)} configuration(s) tried on this setup.")
     return "\n".join(rows) + "\n"
 
