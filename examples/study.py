@@ -179,27 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     positive = recipe._number(int, 1)
     rate = recipe._number(float, 0.0, strict=True)
     data = p.add_argument_group("data and model (as examples/train_recommender.py)")
-    data.add_argument(
-        "--data",
-        default=None,
-        help="directory with train.json[.gz] and val.json (default: the synthetic world)",
-    )
-    data.add_argument("--domain", default="item", help="wording of the prompt: item, artist, movie, ...")
-    data.add_argument(
-        "--max-train", type=positive, default=None, help="train on at most this many examples (default: all)"
-    )
-    data.add_argument(
-        "--max-eval", type=positive, default=1000, help="evaluate on at most this many validation prompts"
-    )
+    recipe.add_data_options(data, max_eval=1000)
     data.add_argument(
         "--world-val", type=positive, default=1000, help="validation prompts of the synthetic world"
     )
     data.add_argument(
         "--data-seed", type=int, default=0, help="seed of the data sample, the tokenizer and the SFT model"
     )
-    data.add_argument("--vocab-size", type=recipe._number(int, 300), default=1024, help="BPE vocabulary size")
-    data.add_argument("--hidden", type=positive, default=128, help="hidden size (one attention head per 32)")
-    data.add_argument("--layers", type=positive, default=4, help="decoder layers")
+    recipe.add_model_options(data)
     data.add_argument("--sft-lr", type=rate, default=2e-3, help="SFT learning rate (cosine schedule)")
     study = p.add_argument_group("the study")
     study.add_argument(

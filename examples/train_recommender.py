@@ -113,6 +113,35 @@ def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str],
     return parse
 
 
+def add_data_options(group: argparse._ArgumentGroup, max_eval: int) -> None:
+    """--data, --domain, --max-train, --max-eval (examples/study.py shares them)."""
+    positive = _number(int, 1)
+    group.add_argument(
+        "--data",
+        default=None,
+        help="directory with train.json[.gz] and val.json (default: the synthetic world)",
+    )
+    group.add_argument("--domain", default="item", help="wording of the prompt: item, artist, movie, ...")
+    group.add_argument(
+        "--max-train", type=positive, default=None, help="train on at most this many examples (default: all)"
+    )
+    group.add_argument(
+        "--max-eval",
+        type=positive,
+        default=max_eval,
+        help="evaluate on at most this many validation examples",
+    )
+
+
+def add_model_options(group: argparse._ArgumentGroup) -> None:
+    """--vocab-size, --hidden, --layers of the tiny Llama (examples/study.py shares them)."""
+    group.add_argument("--vocab-size", type=_number(int, 300), default=1024, help="BPE vocabulary size")
+    group.add_argument(
+        "--hidden", type=_number(int, 1), default=128, help="hidden size (one attention head per 32)"
+    )
+    group.add_argument("--layers", type=_number(int, 1), default=4, help="decoder layers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -121,21 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     positive, count = _number(int, 1), _number(int, 0)
     rate = _number(float, 0.0, strict=True)
-    data = p.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        default=None,
-        help="directory with train.json[.gz] and val.json (default: the synthetic world)",
-    )
-    data.add_argument("--domain", default="item", help="wording of the prompt: item, artist, movie, ...")
-    data.add_argument(
-        "--max-train", type=positive, default=None, help="train on at most this many examples (default: all)"
-    )
-    data.add_argument("--max-eval", type=positive, default=200, help="evaluate on at most this many examples")
-    model = p.add_argument_group("model (a tiny Llama built from a config)")
-    model.add_argument("--vocab-size", type=_number(int, 300), default=1024, help="BPE vocabulary size")
-    model.add_argument("--hidden", type=positive, default=128, help="hidden size (one attention head per 32)")
-    model.add_argument("--layers", type=positive, default=4, help="decoder layers")
+    add_data_options(p.add_argument_group("data"), max_eval=200)
+    add_model_options(p.add_argument_group("model (a tiny Llama built from a config)"))
     sft = p.add_argument_group("SFT stage (the whole model)")
     sft.add_argument("--sft-epochs", type=rate, default=3.0, help="epochs over the training examples")
     sft.add_argument("--sft-lr", type=rate, default=2e-3, help="learning rate (cosine schedule)")
