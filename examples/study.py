@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, PrinterCallback, TrainerCallback
 from transformers.utils import logging as hf_logging
@@ -382,11 +382,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     model = LlamaForCausalLM.from_pretrained(job["sft"])
     torch.manual_seed(seed)
     if r.tuning == "lora":
-        modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(
-            model,
-            LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=modules),
-        )
+        model = get_peft_model(model, recipe.lora_config(args.lora_r))
     k = r.negatives_of(arm)
     dataset = RecPreferenceDataset(train, template, num_negatives=k, mode=r.negatives, seed=seed)
     n = args.curve_prompts
@@ -409,13 +405,12 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if arm == "control":
             trainer = RecommenderSFTTrainer(model, targs, train_dataset=dataset, processing_class=tok)
         else:
-            reference = r.reference
             trainer = PreferenceTrainer(
                 model,
                 targs,
                 method=arm,
                 beta=r.beta,
-                reference=reference,
+                reference=r.reference,
                 sft_weight=r.sft_weight,
                 train_dataset=dataset,
                 processing_class=tok,

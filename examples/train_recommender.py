@@ -557,6 +557,12 @@ def sft_stage(
     return model, tok, untrained, seconds, resume
 
 
+def lora_config(rank: int) -> LoraConfig:
+    """The preference stage's adapters: every attention and MLP projection, alpha = 2 r, no dropout."""
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=modules)
+
+
 def preference_stage(
     sft_model: LlamaForCausalLM,
     tok: PreTrainedTokenizerFast,
@@ -569,12 +575,7 @@ def preference_stage(
     stage resumed from."""
     model = get_peft_model(
         load_sharded(copy.deepcopy(sft_model), args),
-        LoraConfig(
-            r=args.lora_r,
-            lora_alpha=2 * args.lora_r,
-            lora_dropout=0.0,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        ),
+        lora_config(args.lora_r),
     )
     k = negatives(method, args)
     trainer = PreferenceTrainer(
