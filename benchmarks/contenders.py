@@ -184,9 +184,10 @@ def napo_strategy(shape: Shape, device: torch.device | str, backend: str = "cpp"
             )
     head = torch.empty(0, shape.hidden, dtype=DTYPES[shape.dtype], device=device)  # its device, dtype, H
     if shape.trainable and keeps_logits(backend, shape.scored_rows, head, chunk):
+        where = "in the weight gradient's memory" if backend == "cpp" else "within the budget"
         how = (
             "trainable lm_head: softmax(logits) @ W from the forward for dH, the forward's logits kept "
-            "in the weight gradient's memory for dW (3 matrix products)"
+            f"{where} for dW (3 matrix products)"
         )
     elif shape.trainable:
         how = (

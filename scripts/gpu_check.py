@@ -11,9 +11,11 @@ on one H100/H200, the build included:
     step        budget  what
     env          15 s   nvidia-smi, torch / CUDA / triton / nvcc versions
     build       150 s   the CUDA extension in place, MAX_JOBS = CPU count, the visible GPU's arch only
-    tests       150 s   pytest tests/test_gpu.py (junit XML)
-    bench       110 s   python -m benchmarks --device cuda --case rec,dense (no torch.compile
+    tests       130 s   pytest tests/test_gpu.py (junit XML)
+    bench       100 s   python -m benchmarks --device cuda --case rec,dense (no torch.compile
                         contender; Liger-Kernel / Cut Cross-Entropy where importable)
+    keep         30 s   a trainable head's stage 1 (fwd + bwd, bf16) with its logits kept and
+                        recomputed, H = 1024 and 4096: where keeping starts to pay (keep.json)
     memcheck     55 s   compute-sanitizer --tool memcheck on a small run of the cuda backend
 
 A step past its budget is stopped and reported as such; the next steps still run in what is left
@@ -37,7 +39,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SELF = str(Path(__file__).resolve())
 TOTAL_S = 480
-BUDGETS = {"env": 15, "build": 150, "tests": 150, "bench": 110, "memcheck": 55}
+BUDGETS = {"env": 15, "build": 150, "tests": 130, "bench": 100, "keep": 30, "memcheck": 55}
+# rows, H, V of the keep step: on either side of ops.linear_logprobs._TRITON_KEEP_MIN_HIDDEN
+KEEP_SHAPES = ((2048, 1024, 32000), (2048, 4096, 32000))
 CPU_BUDGETS = {"env": 15, "cpu-build": 300, "nvcc": 240, "collect": 120}
 
 
@@ -224,14 +228,69 @@ def smoke() -> int:
     return 0
 
 
+def keep_timing(out: Path | None, device: str = "cuda", shapes=KEEP_SHAPES, dtype=None, repeats: int = 10,
+                backends: tuple[str, ...] = ("triton",)) -> list[dict]:  # fmt: skip
+    """Median seconds of a trainable head's stage 1, forward and backward (``hidden`` and ``weight``
+    gradients), with its logits kept (``NAPO_KERNELS_KEEP_LOGITS=1``) and recomputed (``=0``), for
+    each backend and ``(rows, H, V)``; written to ``out`` as JSON when given. What the default
+    decides (``keeps_logits`` with the variable unset) is in ``default_keeps``."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from napo_kernels.ops.linear_logprobs import keeps_logits, linear_logprobs
+
+    dtype = dtype or torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows_out = []
+    for backend in backends:
+        for r, h, v in shapes:
+            hidden = torch.randn(r, h, device=device, generator=gen).to(dtype).requires_grad_()
+            weight = (torch.randn(v, h, device=device, generator=gen) / h**0.5).to(dtype).requires_grad_()
+            targets = torch.randint(0, v, (r,), device=device, generator=gen)
+            os.environ.pop("NAPO_KERNELS_KEEP_LOGITS", None)
+            row = {"backend": backend, "rows": r, "hidden": h, "vocab": v, "dtype": str(dtype)[6:],
+                   "default_keeps": keeps_logits(backend, r, weight, r)}  # fmt: skip
+            for flag, name in (("1", "kept_s"), ("0", "recomputed_s")):
+                os.environ["NAPO_KERNELS_KEEP_LOGITS"] = flag
+                keep = keeps_logits(backend, r, weight, r)
+                times = []
+                for i in range(repeats + 2):  # two warm-up runs (autotune, compilation)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    logp = linear_logprobs(hidden, weight, None, targets, r, True, backend, None, 1.0, keep)[
+                        0
+                    ]
+                    torch.autograd.grad(logp.sum(), (hidden, weight))
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    if i >= 2:
+                        times.append(time.perf_counter() - start)
+                row[name] = sorted(times)[len(times) // 2]
+                row["kept" if flag == "1" else "recomputed"] = keep
+            os.environ.pop("NAPO_KERNELS_KEEP_LOGITS", None)
+            row["kept_over_recomputed"] = row["kept_s"] / row["recomputed_s"]
+            print(f"{backend:<7} R={r} H={h} V={v} {row['dtype']}: kept {row['kept_s'] * 1e3:.2f} ms, "
+                  f"recomputed {row['recomputed_s'] * 1e3:.2f} ms ({row['kept_over_recomputed']:.2f}x); "
+                  f"default keeps: {row['default_keeps']}", flush=True)  # fmt: skip
+            rows_out.append(row)
+    if out is not None:
+        out.write_text(json.dumps(rows_out, indent=1))
+    return rows_out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="results folder (default gpu-check-<time>)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the memcheck payload
     parser.add_argument("--build", metavar="LIB", default=None, help=argparse.SUPPRESS)  # "": in place
+    parser.add_argument("--keep-timing", metavar="JSON", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
         return smoke()
+    if args.keep_timing:
+        keep_timing(Path(args.keep_timing))
+        return 0
     if args.build is not None:
         return build(args.build or None)
     out = Path(args.out or ROOT / time.strftime("gpu-check-%Y%m%d-%H%M%S")).resolve()
@@ -249,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                      "NAPO_KERNELS_BUILD_CUDA": "1"}  # fmt: skip
         built = steps.run("build", [sys.executable, SELF, "--build", ""], BUDGETS["build"], env=build_env)
         if built["status"] != "ok":
-            for name in ("tests", "bench", "memcheck"):
+            for name in ("tests", "bench", "keep", "memcheck"):
                 steps.note(name, "skipped", reason="the build failed")
         else:
             steps.run("tests", [sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_gpu.py",
@@ -257,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             steps.run("bench", [sys.executable, "-m", "benchmarks", "--device", "cuda", "--case", "rec,dense",
                                 "--contenders", "plain,sliced,liger,cce,bare", "--no-plots",
                                 "--out", str(out / "bench")], BUDGETS["bench"])  # fmt: skip
+            steps.run(
+                "keep", [sys.executable, SELF, "--keep-timing", str(out / "keep.json")], BUDGETS["keep"]
+            )
             if shutil.which("compute-sanitizer") is None:
                 steps.note("memcheck", "n/a: no compute-sanitizer on the PATH")
             else:

@@ -50,3 +50,18 @@ def test_without_a_gpu_checks_what_it_can(tmp_path):
     assert status["nvcc"] in ("ok", "n/a: no nvcc on the PATH")
     assert list((tmp_path / "cpu-build" / "napo_kernels").glob("_C*.so"))
     assert (tmp_path / "summary.md").read_text().count("|") > 10
+
+
+def test_keep_timing_times_both_ways(tmp_path):
+    """The keep step's payload, run on CPU tensors (cpp, and triton under the interpreter): both
+    ways timed, the logits kept in one and recomputed in the other, the JSON written."""
+    import napo_kernels as nk
+
+    backends = tuple(b for b in ("cpp", "triton") if nk.backends()[b].available)
+    assert backends, "neither the cpp nor the triton backend runs here"
+    out = tmp_path / "keep.json"
+    rows = gpu_check.keep_timing(out, "cpu", ((8, 16, 50),), torch.float32, repeats=1, backends=backends)
+    assert json.loads(out.read_text()) == rows and len(rows) == len(backends)
+    for row in rows:
+        assert row["kept"] and not row["recomputed"] and row["default_keeps"], row
+        assert row["kept_s"] > 0 and row["recomputed_s"] > 0

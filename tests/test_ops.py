@@ -52,14 +52,14 @@ def test_opcheck_stage1(backend, dtype):
         args = (grad, hidden.detach(), weight.detach(), bias.detach(), targets, lse, 3, *needs, backend)
         assert_opcheck(linear_logprobs_backward, args)
         assert_opcheck(linear_logprobs_backward, (*args, 3.0, 1.5))
-    if keeps_logits(backend, 4, weight, 3):  # a trainable head keeping its logits (4 rows <= H = 5)
+    if keeps_logits(backend, 4, weight, 4):  # logits kept (cpp: 4 rows <= H = 5; triton: <= chunk)
         # not the AOT test: an opcheck returns every output, and the backward writes the weight
         # gradient over this one (kept), which AOT cannot partition; sequence_logprobs does not
         # return it, and the compiled training step below keeps logits too
-        args = (hidden[:4], weight, bias, targets[:4], 3, True, backend, 2.0, 0.5, True)
+        args = (hidden[:4], weight, bias, targets[:4], 4, True, backend, 2.0, 0.5, True)
         result = torch.library.opcheck(linear_logprobs, args, test_utils=NOT_AOT)
         assert all(v == "SUCCESS" for v in result.values()), result
-        kept = linear_logprobs(hidden[:4].detach(), weight.detach(), None, targets[:4], 3, False, backend,
+        kept = linear_logprobs(hidden[:4].detach(), weight.detach(), None, targets[:4], 4, False, backend,
                                keep_logits=True)[3]  # fmt: skip
         args = (
             grad[:4],
@@ -68,7 +68,7 @@ def test_opcheck_stage1(backend, dtype):
             None,
             targets[:4],
             lse[:4],
-            3,
+            4,
             True,
             True,
             False,

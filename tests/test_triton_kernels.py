@@ -229,6 +229,113 @@ def test_linear_deterministic_and_split_invariant():
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+    r=st.integers(1, 35),
+    v=st.integers(1, 70),
+    h=st.integers(1, 20),
+    head=st.sampled_from([(None, 1.0), (None, 0.37), (1.5, 2.5)]),
+    has_bias=st.booleans(),
+    splits=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_kept_logits_same_bits(dtype, r, v, h, head, has_bias, splits, seed):
+    """A trainable head's forward keeps its raw logits ``[R, V]`` (accumulation dtype) and the
+    backward reads them instead of recomputing them: the same bits as the recompute, for every
+    gradient, head, dtype and vocabulary split; the kept values are ``h W^T + b``."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden, weight = randn(gen, r, h).to(dtype), randn(gen, v, h, scale=0.5).to(dtype)
+    bias = randn(gen, v).to(dtype) if has_bias else None
+    targets, acc = torch.randint(0, v, (r,), generator=gen), acc_of(dtype)
+    grad = randn(gen, r).to(acc)
+    plain = tlin.linear_logprobs_fwd(hidden, weight, bias, targets, 1, True, *head, splits=splits)
+    *outs, kept = tlin.linear_logprobs_fwd(
+        hidden, weight, bias, targets, 1, True, *head, splits=splits, keep_logits=True
+    )
+    assert kept.shape == (r, v) and kept.dtype == acc
+    for a, b in zip(plain, outs):
+        assert torch.equal(a, b)
+    raw = hidden.to(acc) @ weight.to(acc).T + (0 if bias is None else bias.to(acc))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(kept, raw, rtol=tol, atol=tol * h)
+    args = (grad, hidden, weight, bias, targets, plain[1], 1, True, True, True, *head)
+    recomputed = tlin.linear_logprobs_bwd(*args, splits=splits)
+    read = tlin.linear_logprobs_bwd(*args, splits=splits, kept=kept)
+    for name, a, b in zip(("d_hidden", "d_weight", "d_bias"), recomputed, read):
+        assert torch.equal(a, b), name
+
+
+def test_linear_kept_logits_rejects_a_wrong_buffer():
+    gen = torch.Generator().manual_seed(5)
+    hidden, weight = randn(gen, 6, 8).float(), randn(gen, 10, 8).float()
+    targets, grad = torch.randint(0, 10, (6,), generator=gen), randn(gen, 6).float()
+    _, lse, _, kept = tlin.linear_logprobs_fwd(hidden, weight, None, targets, 1, False, keep_logits=True)
+    args = (grad, hidden, weight, None, targets, lse, 1, False, True, False)
+    for bad in (kept[:5], kept.double(), kept.T.contiguous(), kept.T.contiguous().T):
+        with pytest.raises(ValueError, match="kept must be the forward's contiguous"):
+            tlin.linear_logprobs_bwd(*args, kept=bad)
+
+
+def test_keeps_logits_rule_on_triton(monkeypatch):
+    """Kept where the ``[R, V]`` logits fit the ``[chunk_size, V]`` budget and reading them pays
+    (fp32/fp64, or H >= 1024 for 16-bit heads); ``NAPO_KERNELS_KEEP_LOGITS`` 0 / 1 overrides."""
+    from napo_kernels.ops.linear_logprobs import keeps_logits
+
+    monkeypatch.delenv("NAPO_KERNELS_KEEP_LOGITS", raising=False)
+    fp32, narrow, wide = torch.empty(50, 64), torch.empty(50, 896).bfloat16(), torch.empty(50, 1024).half()
+    assert keeps_logits("triton", 64, fp32, 64) and not keeps_logits("triton", 65, fp32, 64)
+    assert keeps_logits("triton", 8, fp32.double(), 8) and not keeps_logits("triton", 0, fp32, 8)
+    assert keeps_logits("triton", 8, wide, 8) and not keeps_logits("triton", 8, narrow, 8)
+    monkeypatch.setenv("NAPO_KERNELS_KEEP_LOGITS", "1")
+    assert keeps_logits("triton", 8, narrow, 8) and not keeps_logits("triton", 9, narrow, 8)
+    monkeypatch.setenv("NAPO_KERNELS_KEEP_LOGITS", "0")
+    assert not keeps_logits("triton", 8, fp32, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequence_logprobs_keeps_logits_on_triton(monkeypatch, dtype):
+    """Through the public API (trainable head): the gradients with kept logits are the bits of the
+    recompute, the op's ``kept`` output is ``[R, V]`` and is freed with the graph."""
+    from napo_kernels.ops import linear_logprobs as op
+
+    gen = torch.Generator().manual_seed(6)
+    hidden, weight = randn(gen, 3, 7, 12).to(dtype), randn(gen, 41, 12, scale=0.4).to(dtype)
+    bias = randn(gen, 41).to(dtype)
+    labels = torch.randint(0, 41, (3, 7), generator=gen)
+    labels[:, :2] = reference.IGNORE_INDEX
+    seen = []
+    original = op.linear_logprobs
+
+    def spy(*args):
+        out = original(*args)
+        seen.append((args[-1], tuple(out[3].shape)))
+        return out
+
+    monkeypatch.setattr("napo_kernels.logprobs.linear_logprobs", spy)
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("NAPO_KERNELS_KEEP_LOGITS", flag)
+        live = [x.detach().clone().requires_grad_() for x in (hidden, weight, bias)]
+        score = nk.sequence_logprobs(live[0], live[1], labels, bias=live[2], backend="triton")
+        runs.append([score, *torch.autograd.grad(score.square().sum(), live)])
+    assert seen == [(True, (15, 41)), (False, (0,))]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    truth = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+    want = reference.sequence_scores(truth[0], truth[1], labels, bias=truth[2])
+    want_grads = torch.autograd.grad(want.square().sum(), truth)
+    lowp = None
+    if dtype in LOW:
+        live = [x.detach().clone().requires_grad_() for x in (hidden, weight, bias)]
+        score = nk.sequence_logprobs(live[0], live[1], labels, bias=live[2], backend="torch")
+        lowp = [score, *torch.autograd.grad(score.square().sum(), live)]
+    for i, (name, got, w) in enumerate(
+        zip(("score", "d_hidden", "d_weight", "d_bias"), runs[0], [want, *want_grads])
+    ):
+        check(got, w, dtype, name, None if lowp is None else lowp[i])
+
+
 def test_linear_huge_logits_stay_finite():
     """Logits of +-1e4 (far beyond exp's range) go through the online LSE without overflow."""
     hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
@@ -290,9 +397,9 @@ def test_linear_huge_bias_with_padding_rows():
 
 @pytest.mark.parametrize("head", [(None, 1.0), (None, 0.37), (1.5, 2.5)], ids=["plain", "scale", "cap"])
 def test_gradcheck_fused_op_float64(head):
-    """``napo_kernels::linear_logprobs`` on the triton backend: trainable (recompute backward) and
-    frozen (``expected`` forward) paths, shapes crossing the 16/32/16 interpreter tiles, for a plain,
-    a scaled and a soft-capped head."""
+    """``napo_kernels::linear_logprobs`` on the triton backend: trainable (recompute backward, and
+    kept logits) and frozen (``expected`` forward) paths, shapes crossing the 16/32/16 interpreter
+    tiles, for a plain, a scaled and a soft-capped head."""
     from napo_kernels.ops.linear_logprobs import linear_logprobs
 
     gen = torch.Generator().manual_seed(3)
@@ -307,7 +414,11 @@ def test_gradcheck_fused_op_float64(head):
     def frozen(h):
         return linear_logprobs(h, weight.detach(), bias.detach(), targets, 5, True, "triton", *head)[0]
 
+    def kept(h, w, b):  # the trainable head's logits kept by the forward (17 rows fit chunk_size 17)
+        return linear_logprobs(h, w, b, targets, 17, True, "triton", *head, True)[0]
+
     assert torch.autograd.gradcheck(trainable, (hidden, weight, bias), fast_mode=True)
+    assert torch.autograd.gradcheck(kept, (hidden, weight, bias), fast_mode=True)
     assert torch.autograd.gradcheck(frozen, (hidden,), fast_mode=True)
 
 
@@ -517,7 +628,7 @@ from napo_kernels.kernels.triton.aot import compile_all
 results = compile_all((90,), quick=True, dtypes=(torch.bfloat16,), progress=False)
 for r in results:
     print(r.row())
-assert len(results) == 10 and all(r.fits for r in results)  # 4 stage-1 x 2 heads, 2 logits
+assert len(results) == 14 and all(r.fits for r in results)  # 6 stage-1 x 2 heads, 2 logits
 """
 
 

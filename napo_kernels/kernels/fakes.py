@@ -25,9 +25,15 @@ def linear_logprobs_fwd(hidden: Tensor, compute_expected: bool) -> tuple[Tensor,
     )
 
 
-def kept(hidden: Tensor, weight: Tensor, keep_logits: bool) -> Tensor:
-    """The forward's kept logits: ``[V, H]`` in the accumulation dtype with ``keep_logits``, else ``[0]``."""
-    return hidden.new_empty(tuple(weight.shape) if keep_logits else (0,), dtype=acc_dtype(hidden.dtype))
+def kept(hidden: Tensor, weight: Tensor, keep_logits: bool, grad_in_kept: bool = True) -> Tensor:
+    """The forward's kept logits in the accumulation dtype with ``keep_logits``: ``[V, H]`` where
+    the backward writes the weight gradient into them (``cpp``), else ``[R, V]`` (``triton``);
+    without, ``[0]``."""
+    if not keep_logits:
+        shape = (0,)
+    else:
+        shape = tuple(weight.shape) if grad_in_kept else (hidden.shape[0], weight.shape[0])
+    return hidden.new_empty(shape, dtype=acc_dtype(hidden.dtype))
 
 
 def linear_logprobs_bwd(

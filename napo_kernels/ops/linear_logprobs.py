@@ -10,8 +10,9 @@ with one ``logit_scale / cosh^2(logit_scale raw_y / softcap)`` from the target's
 ``raw_y = h_r . W[y_r] + b[y_r]`` (one dot product per row). A frozen ``lm_head`` needs nothing
 else; a trainable one gets its weight and bias gradients from
 ``napo_kernels::linear_logprobs_backward``, which recomputes the logits from the saved ``lse``, or,
-with ``keep_logits=True`` (the ``cpp`` backend; see ``keeps_logits``), reads the raw logits the
-forward kept in a ``[V, H]`` buffer that becomes the weight gradient: the fourth output ``kept``.
+with ``keep_logits=True`` (see ``keeps_logits``), reads the raw logits the forward kept: the fourth
+output ``kept``, a ``[V, H]`` buffer that becomes the weight gradient on the ``cpp`` backend, the
+``[R, V]`` logits within the memory budget on the ``triton`` backend.
 """
 
 from __future__ import annotations
@@ -26,22 +27,41 @@ from ..kernels import fakes
 
 # fp32/fp64, and fp16 (whose products the CPU runs in fp32): bf16 logits are recomputed
 _KEPT_DTYPES = (torch.float32, torch.float64, torch.float16)
+# triton, 16-bit heads: reading the kept fp32 logits back (2 x 4 bytes per logit, written and read
+# once) beats recomputing them (2 H flops per logit) only where the product is long: an H100/H200
+# does ~300 bf16 tensor-core flops per byte of HBM, so H >~ 1200 at peak, less at a real GEMM's
+# efficiency. An estimate, not a measurement (no GPU here): `make gpu-check` times both.
+_TRITON_KEEP_MIN_HIDDEN = 1024
+# backends whose backward writes the weight gradient into the kept buffer (the cpp [V, H] layout)
+_GRAD_IN_KEPT = ("cpp",)
 
 
 def keeps_logits(backend: str, rows: int, weight: Tensor, chunk_size: int) -> bool:
-    """Whether a trainable head's forward on ``backend`` keeps its raw logits for the backward: the
-    ``cpp`` backend does when they fit the weight gradient's memory (``rows <= H``; the gradient is
-    allocated by the forward instead of the backward, so the step's peak memory does not change)
-    and the backward's scratch, all rows of one vocabulary tile, fits the ``[chunk_size, V]``
-    budget; this saves the backward's product that recomputes them. ``NAPO_KERNELS_KEEP_LOGITS=0``
-    turns it off (the buffer lives from the forward to the backward: many forwards before one
-    backward hold one each)."""
+    """Whether a trainable head's forward on ``backend`` keeps its raw logits for the backward,
+    which saves the backward's product that recomputes them:
+
+    - ``cpp``: when they fit the weight gradient's memory (``rows <= H``; the gradient is
+      allocated by the forward instead of the backward, so the step's peak memory does not change)
+      and the backward's scratch, all rows of one vocabulary tile, fits the ``[chunk_size, V]``
+      budget;
+    - ``triton``: when the ``[rows, V]`` logits in the accumulation dtype fit the same budget
+      (``rows <= chunk_size``) and reading them back pays (fp32/fp64 heads, or ``H >= 1024`` for
+      fp16/bf16; ``_TRITON_KEEP_MIN_HIDDEN``).
+
+    ``NAPO_KERNELS_KEEP_LOGITS=0`` turns it off, ``=1`` keeps wherever the memory fits (whether it
+    pays or not: for timing both ways). The buffer lives from the forward to the backward: many
+    forwards before one backward hold one each."""
+    flag = os.environ.get("NAPO_KERNELS_KEEP_LOGITS", "")
+    if flag == "0" or rows <= 0:
+        return False
+    if backend == "triton":
+        pays = flag == "1" or weight.dtype in (torch.float32, torch.float64)
+        return rows <= chunk_size and (pays or weight.shape[1] >= _TRITON_KEEP_MIN_HIDDEN)
     if not (
         backend == "cpp"
-        and os.environ.get("NAPO_KERNELS_KEEP_LOGITS", "1") != "0"
         and weight.device.type == "cpu"
         and weight.dtype in _KEPT_DTYPES
-        and 0 < rows <= weight.shape[1]
+        and rows <= weight.shape[1]
     ):
         return False
     from ..kernels.extension import cpu_block_shape  # the cpp backend is available: _C loads
@@ -64,8 +84,8 @@ def linear_logprobs(
     keep_logits: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row ``(logp, lse, expected, kept)`` of the head's logits on ``backend`` (module
-    docstring); ``kept`` is ``[V, H]`` with ``keep_logits`` (only where ``keeps_logits`` says so),
-    else ``[0]``.
+    docstring); ``kept`` is ``[V, H]`` (``cpp``) or ``[R, V]`` (``triton``) with ``keep_logits``
+    (only where ``keeps_logits`` says so), else ``[0]``.
 
     Inputs are trusted: ``targets`` must lie in ``[0, V)``, ``softcap`` be None or > 0 and
     ``logit_scale`` > 0 (not re-checked here; the public API validates them, see
@@ -86,7 +106,8 @@ def _(
     hidden, weight, bias, targets, chunk_size, compute_expected, backend, softcap=None, logit_scale=1.0,
     keep_logits=False,
 ):  # fmt: skip
-    return (*fakes.linear_logprobs_fwd(hidden, compute_expected), fakes.kept(hidden, weight, keep_logits))
+    kept = fakes.kept(hidden, weight, keep_logits, grad_in_kept=backend in _GRAD_IN_KEPT)
+    return (*fakes.linear_logprobs_fwd(hidden, compute_expected), kept)
 
 
 @torch.library.custom_op("napo_kernels::linear_logprobs_backward", mutates_args=("kept",))
@@ -107,8 +128,8 @@ def linear_logprobs_backward(
     kept: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_hidden, d_weight, d_bias)`` of ``sum(grad * logp)``; inputs trusted as in the forward.
-    With ``kept`` (the forward's): the weight gradient is written into it (in the accumulation
-    dtype) and ``d_weight`` comes back empty."""
+    With ``kept`` (the forward's) the logits are read, not recomputed; on ``cpp`` the weight
+    gradient is written into it (in the accumulation dtype) and ``d_weight`` comes back empty."""
     args = (grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias,
             softcap, logit_scale)  # fmt: skip
     kernels = dispatch.kernels(backend)
@@ -122,8 +143,9 @@ def _(
     grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias, backend,
     softcap=None, logit_scale=1.0, kept=None,
 ):  # fmt: skip
+    into_kept = kept is not None and backend in _GRAD_IN_KEPT
     return fakes.linear_logprobs_bwd(
-        hidden, weight, bias, need_hidden, need_weight and kept is None, need_bias
+        hidden, weight, bias, need_hidden, need_weight and not into_kept, need_bias
     )
 
 
@@ -135,7 +157,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(lse, expected, kept)
     ctx.set_materialize_grads(False)  # else autograd builds zero gradients for them: [V, H] for kept
-    ctx.kept_consumed = False  # the first backward writes the weight gradient over the kept logits
+    # cpp: the first backward writes the weight gradient over the kept logits
+    ctx.grad_in_kept = keep and backend in _GRAD_IN_KEPT
+    ctx.kept_consumed = False
     ctx.save_for_backward(hidden, weight, bias, targets, lse, expected, kept)
 
 
@@ -166,7 +190,7 @@ def _backward(ctx, grad_logp, grad_lse, grad_expected, grad_kept):
     # the weight and bias gradients first: their scratch is freed before the hidden gradient exists
     if need_weight or need_bias or (need_hidden and not from_expected):
         rest = need_hidden and not from_expected
-        if ctx.keep_logits and ctx.kept_consumed:
+        if ctx.grad_in_kept and ctx.kept_consumed:
             # another backward through the same graph (retain_graph, gradcheck): the logits kept
             # again by the same products, so the same bits
             head = (ctx.softcap, ctx.logit_scale)
@@ -175,12 +199,12 @@ def _backward(ctx, grad_logp, grad_lse, grad_expected, grad_kept):
             )[3]
         # .data: the saved tensor keeps its version, so another backward can still unpack the others
         kept = kept.data if ctx.keep_logits else None
-        ctx.kept_consumed = ctx.keep_logits
+        ctx.kept_consumed = ctx.grad_in_kept
         d_h, d_w, d_b = linear_logprobs_backward(
             grad, hidden, weight, bias, targets, lse, ctx.chunk_size, rest, need_weight, need_bias,
             ctx.backend, ctx.softcap, ctx.logit_scale, kept,
         )  # fmt: skip
-        if kept is not None and need_weight:  # written into the kept buffer (accumulation dtype)
+        if ctx.grad_in_kept and need_weight:  # written into the kept buffer (accumulation dtype)
             d_w = kept if kept.dtype == weight.dtype else kept.to(weight.dtype)
         d_hidden = d_h if rest else None
         d_weight, d_bias = (d_w if need_weight else None), (d_b if need_bias else None)

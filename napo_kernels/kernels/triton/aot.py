@@ -77,17 +77,27 @@ def _cases(quick: bool, dtypes: tuple[torch.dtype, ...]) -> Iterator[tuple]:
         stage1 = dict(h_ptr=x, w_ptr=x, b_ptr=x, t_ptr="*i64")
         for suffix, head in heads.items():
             for cfg in first(lin._ROW_PROGRAM_CONFIGS):
-                sig = dict(**stage1, max_ptr=acc, sum_ptr=acc, pick_ptr=acc, e_ptr=acc, **ints)
-                for expected in (False, True):  # with E: the one-pass forward of a head that needs dH
-                    name = "linear_forward" + ("_expected" * expected) + suffix
-                    const = dict(EXPECTED=expected, **common, **head)
+                sig = dict(**stage1, max_ptr=acc, sum_ptr=acc, pick_ptr=acc, e_ptr=acc, k_ptr=acc, **ints)
+                # with E: the one-pass forward of a head that needs dH; kept: a trainable one's logits
+                for expected, keep in ((False, False), (True, False), (True, True)):
+                    name = "linear_forward" + ("_expected" * expected) + ("_kept" * keep) + suffix
+                    const = dict(EXPECTED=expected, KEEP=keep, **common, **head)
                     yield name, lin._forward_kernel.fn, sig, const, cfg, dtype
-                sig = dict(g_ptr=acc, **stage1, lse_ptr=acc, out_ptr=acc, **ints)
-                yield "linear_hidden" + suffix, lin._hidden_kernel.fn, sig, dict(**common, **head), cfg, dtype
+                sig = dict(g_ptr=acc, **stage1, lse_ptr=acc, k_ptr=acc, out_ptr=acc, **ints)
+                const = dict(KEPT=False, **common, **head)
+                yield "linear_hidden" + suffix, lin._hidden_kernel.fn, sig, const, cfg, dtype
             for cfg in first(lin._VOCAB_PROGRAM_CONFIGS):
-                sig = dict(g_ptr=acc, **stage1, lse_ptr=acc, dw_ptr=acc, db_ptr=acc, **ints)
-                const = dict(NEED_WEIGHT=True, NEED_BIAS=True, **common, **head)
-                yield "linear_weight" + suffix, lin._weight_kernel.fn, sig, const, cfg, dtype
+                sig = dict(g_ptr=acc, **stage1, lse_ptr=acc, k_ptr=acc, dw_ptr=acc, db_ptr=acc, **ints)
+                for kept in (False, True):  # logits recomputed, or read from the forward's
+                    const = dict(NEED_WEIGHT=True, NEED_BIAS=True, KEPT=kept, **common, **head)
+                    yield (
+                        "linear_weight" + ("_kept" * kept) + suffix,
+                        lin._weight_kernel.fn,
+                        sig,
+                        const,
+                        cfg,
+                        dtype,
+                    )
         ints = dict(R="i32", V="i32", stride_x="i32")
         for cfg in first(logit._FORWARD_CONFIGS):
             sig = dict(x_ptr=x, t_ptr="*i64", logp_ptr=acc, lse_ptr=acc, **ints)

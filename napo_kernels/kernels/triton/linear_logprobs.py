@@ -83,15 +83,12 @@ def _split_range(V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(
+def _raw_tile(
     h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-    SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """``(z, dz/draw)``: the head's logits of ``h[rows] @ W[cols]^T (+ b[cols])`` in ``ACC``
-    (``head_logits``), ``z = -inf`` in columns outside the vocabulary (mapped first: a cap would
-    turn -inf into -SOFTCAP)."""
+    """The raw logits ``h[rows] @ W[cols]^T (+ b[cols])`` in ``ACC``: one product over ``H``."""
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
     acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=ACC)
@@ -103,8 +100,41 @@ def _logits_tile(
         acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-    z, slope = head_logits(acc, SCALE, SOFTCAP)
+    return acc
+
+
+@triton.jit
+def _head_tile(raw, col_ok, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """``(z, dz/draw)`` of raw logits (``head_logits``), ``z = -inf`` in columns outside the
+    vocabulary (mapped first: a cap would turn -inf into -SOFTCAP)."""
+    z, slope = head_logits(raw, SCALE, SOFTCAP)
     return tl.where(col_ok[None, :], z, float("-inf")), slope
+
+
+@triton.jit
+def _kept_offsets(rows, cols, V):
+    """Where the tile's raw logits lie in the forward's kept ``[R, V]`` buffer."""
+    return rows.to(tl.int64)[:, None] * V + cols[None, :]
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, k_ptr, rows, row_ok, cols, col_ok, V, H, stride_h, stride_w,
+    KEPT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """``(z, dz/draw)`` of the tile (``_head_tile``): with ``KEPT`` read from the raw logits the
+    forward kept (no product), else recomputed (``_raw_tile``); the same bits either way."""
+    if KEPT:
+        ok = row_ok[:, None] & col_ok[None, :]
+        raw = tl.load(k_ptr + _kept_offsets(rows, cols, V), mask=ok, other=0.0)
+    else:
+        raw = _raw_tile(
+            h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
+            HAS_BIAS, ACC, DOT, PREC, BLOCK_R, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+    return _head_tile(raw, col_ok, SCALE, SOFTCAP)
 
 
 @triton.jit
@@ -119,12 +149,12 @@ def _grad_tile(logits, slope, lse, g, target, cols):
 
 
 @triton.autotune(
-    configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS", "EXPECTED"]
+    configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS", "EXPECTED", "KEEP"]
 )
 @triton.jit
 def _forward_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, max_ptr, sum_ptr, pick_ptr, e_ptr, R, V, H, stride_h, stride_w,
-    EXPECTED: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, t_ptr, max_ptr, sum_ptr, pick_ptr, e_ptr, k_ptr, R, V, H, stride_h, stride_w,
+    EXPECTED: tl.constexpr, KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
@@ -140,10 +170,13 @@ def _forward_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
-        logits, slope = _logits_tile(
+        raw = _raw_tile(
             h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
-            HAS_BIAS, ACC, DOT, PREC, SCALE, SOFTCAP, BLOCK_R, BLOCK_V, BLOCK_H,
+            HAS_BIAS, ACC, DOT, PREC, BLOCK_R, BLOCK_V, BLOCK_H,
         )  # fmt: skip
+        if KEEP:  # for the weight gradient: the backward reads them instead of a product
+            tl.store(k_ptr + _kept_offsets(rows, cols, V), raw, mask=row_ok[:, None] & col_ok[None, :])
+        logits, slope = _head_tile(raw, col_ok, SCALE, SOFTCAP)
         new_max = tl.maximum(run_max, tl.max(logits, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows of only -inf logits so far
         rescale = tl.exp(run_max - shift)  # what the partials summed so far are worth now (0 at first)
@@ -172,11 +205,13 @@ def _forward_kernel(
     tl.store(pick_ptr + out, picked, mask=row_ok)
 
 
-@triton.autotune(configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS"])
+@triton.autotune(
+    configs=configs(_ROW_PROGRAM_CONFIGS, _INTERPRETER_CONFIG), key=["V", "H", "HAS_BIAS", "KEPT"]
+)
 @triton.jit
 def _hidden_kernel(
-    g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, out_ptr, R, V, H, stride_h, stride_w,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, k_ptr, out_ptr, R, V, H, stride_h, stride_w,
+    KEPT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
@@ -192,8 +227,8 @@ def _hidden_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
         logits, slope = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
-            HAS_BIAS, ACC, DOT, PREC, SCALE, SOFTCAP, BLOCK_R, BLOCK_V, BLOCK_H,
+            h_ptr, w_ptr, b_ptr, k_ptr, rows, row_ok, cols, col_ok, V, H, stride_h, stride_w,
+            KEPT, HAS_BIAS, ACC, DOT, PREC, SCALE, SOFTCAP, BLOCK_R, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         grad = _grad_tile(logits, slope, lse, g, target, cols).to(DOT)
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
@@ -212,13 +247,13 @@ def _hidden_kernel(
 
 @triton.autotune(
     configs=configs(_VOCAB_PROGRAM_CONFIGS, _INTERPRETER_CONFIG),
-    key=["V", "H", "HAS_BIAS", "NEED_WEIGHT", "NEED_BIAS"],
+    key=["V", "H", "HAS_BIAS", "NEED_WEIGHT", "NEED_BIAS", "KEPT"],
 )
 @triton.jit
 def _weight_kernel(
-    g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, dw_ptr, db_ptr, R, V, H, stride_h, stride_w,
-    NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
+    g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, k_ptr, dw_ptr, db_ptr, R, V, H, stride_h, stride_w,
+    NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, KEPT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -232,8 +267,8 @@ def _weight_kernel(
         target = tl.load(t_ptr + rows, mask=row_ok, other=-1)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         logits, slope = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
-            HAS_BIAS, ACC, DOT, PREC, SCALE, SOFTCAP, BLOCK_R, BLOCK_V, BLOCK_H,
+            h_ptr, w_ptr, b_ptr, k_ptr, rows, row_ok, cols, col_ok, V, H, stride_h, stride_w,
+            KEPT, HAS_BIAS, ACC, DOT, PREC, SCALE, SOFTCAP, BLOCK_R, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         grad = _grad_tile(logits, slope, lse, g, target, cols)
         if NEED_BIAS:
@@ -297,7 +332,7 @@ def _common(hidden: Tensor, bias: Tensor | None, softcap: float | None, logit_sc
 
 def _hidden_pass(
     grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
-    splits: int | None, softcap: float | None, logit_scale: float,
+    splits: int | None, softcap: float | None, logit_scale: float, kept: Tensor | None,
 ) -> Tensor:  # fmt: skip
     """``G @ W`` over the whole vocabulary, ``[R, H]`` in the accumulation dtype."""
     (r, h), v = hidden.shape, weight.shape[0]
@@ -307,8 +342,9 @@ def _hidden_pass(
     out = hidden.new_empty((r, h), dtype=acc) if s == 1 else hidden.new_zeros((s, r, h), dtype=acc)
     grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), s)
     _hidden_kernel[grid](
-        grad, hidden, weight, weight if bias is None else bias, targets, lse, out,
-        r, v, h, hidden.stride(0), weight.stride(0), **_common(hidden, bias, softcap, logit_scale),
+        grad, hidden, weight, weight if bias is None else bias, targets, lse,
+        lse if kept is None else kept, out, r, v, h, hidden.stride(0), weight.stride(0),
+        KEPT=kept is not None, **_common(hidden, bias, softcap, logit_scale),
     )  # fmt: skip
     return out if s == 1 else out.sum(0)
 
@@ -323,19 +359,24 @@ def linear_logprobs_fwd(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     splits: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    keep_logits: bool = False,
+) -> tuple[Tensor, ...]:
     """``(logp [R], lse [R], expected [R, H] or [0])`` in the accumulation dtype (contract of
     ``torch_chunked``); ``chunk_size`` is ignored, ``splits`` overrides the vocabulary split.
     ``softcap`` / ``logit_scale`` are compile-time constants of the kernels (one compilation per
-    value: a model has one)."""
+    value: a model has one). With ``keep_logits`` a fourth output: the raw logits ``[R, V]`` in the
+    accumulation dtype, for ``linear_logprobs_bwd(kept=...)`` (the caller decides whether they fit
+    its memory budget: ``napo_kernels.ops.linear_logprobs.keeps_logits``)."""
     _check(hidden, weight, bias, targets)
     hidden, weight, targets = row_major(hidden), row_major(weight), targets.contiguous()
     bias = None if bias is None else bias.contiguous()
     (r, h), v = hidden.shape, weight.shape[0]
     acc = acc_dtype(hidden.dtype)
     expected = hidden.new_empty((r, h) if compute_expected else (0,), dtype=acc)
+    kept = hidden.new_empty((r, v) if keep_logits else (0,), dtype=acc)
     if r == 0:
-        return hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc), expected
+        out = hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc), expected
+        return (*out, kept) if keep_logits else out
     s = splits or vocab_splits(r, v, h, hidden.device)
     run_max, run_sum, picked = (hidden.new_empty((s, r), dtype=acc) for _ in range(3))
     # E partials: [R, H] (one split) or one per split (zeros: a split may own no tile)
@@ -343,7 +384,7 @@ def linear_logprobs_fwd(
     grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), s)
     _forward_kernel[grid](
         hidden, weight, weight if bias is None else bias, targets, run_max, run_sum, picked, partial,
-        r, v, h, hidden.stride(0), weight.stride(0), EXPECTED=compute_expected,
+        kept, r, v, h, hidden.stride(0), weight.stride(0), EXPECTED=compute_expected, KEEP=keep_logits,
         **_common(hidden, bias, softcap, logit_scale),
     )  # fmt: skip
     lse = torch.logsumexp(run_max + run_sum.log(), dim=0)  # combine the splits: [splits, R] -> [R]
@@ -356,7 +397,7 @@ def linear_logprobs_fwd(
             expected.mul_(weight_s[0, :, None])
         else:
             expected = torch.einsum("sr,srh->rh", weight_s, partial)
-    return logp, lse, expected
+    return (logp, lse, expected, kept) if keep_logits else (logp, lse, expected)
 
 
 def linear_logprobs_bwd(
@@ -373,19 +414,27 @@ def linear_logprobs_bwd(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     splits: int | None = None,
+    kept: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d_hidden, d_weight, d_bias)`` in the input dtypes, empty ``[0]`` where not needed."""
+    """``(d_hidden, d_weight, d_bias)`` in the input dtypes, empty ``[0]`` where not needed. With
+    ``kept`` (the forward's raw logits ``[R, V]``) the kernels read the logits instead of
+    recomputing them: one product fewer, the same bits."""
     _check(hidden, weight, bias, targets)
     hidden, weight, targets = row_major(hidden), row_major(weight), targets.contiguous()
     bias = None if bias is None else bias.contiguous()
     (r, h), v = hidden.shape, weight.shape[0]
     acc = acc_dtype(hidden.dtype)
     grad, lse = grad.to(acc).contiguous(), lse.to(acc).contiguous()
+    if kept is not None and (kept.shape != (r, v) or kept.dtype != acc or not kept.is_contiguous()):
+        raise ValueError(
+            f"kept must be the forward's contiguous [R={r}, V={v}] {acc} logits, got {list(kept.shape)} "
+            f"{kept.dtype}"
+        )
     bias_dtype = weight.dtype if bias is None else bias.dtype
     d_hidden = hidden.new_empty(0)
     if need_hidden:
         d_hidden = (
-            _hidden_pass(grad, hidden, weight, bias, targets, lse, splits, softcap, logit_scale).to(
+            _hidden_pass(grad, hidden, weight, bias, targets, lse, splits, softcap, logit_scale, kept).to(
                 hidden.dtype
             )
             if r
@@ -398,9 +447,10 @@ def linear_logprobs_bwd(
         db = alloc(v if need_bias else 0, dtype=acc)
         if r:  # no rows: the zero gradients stand (the kernel writes only rows it sees)
             _weight_kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_V"]),)](
-                grad, hidden, weight, weight if bias is None else bias, targets, lse, dw, db,
-                r, v, h, hidden.stride(0), weight.stride(0),
-                NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, **_common(hidden, bias, softcap, logit_scale),
+                grad, hidden, weight, weight if bias is None else bias, targets, lse,
+                lse if kept is None else kept, dw, db, r, v, h, hidden.stride(0), weight.stride(0),
+                NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, KEPT=kept is not None,
+                **_common(hidden, bias, softcap, logit_scale),
             )  # fmt: skip
         if need_weight:
             d_weight = dw.to(weight.dtype)
