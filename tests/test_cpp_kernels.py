@@ -474,6 +474,27 @@ def test_vocab_tiles_follow_a_moving_row_max(dtype):
     assert (got[2][:, :4] == 0).all() and (got[2][:, 10:15] == 0).all()  # masked: probability 0
 
 
+@pytest.mark.parametrize("compute_expected", [False, True], ids=["lse-only", "with-E"])
+def test_vocab_tiles_nan_poisons_only_its_row(compute_expected):
+    """A NaN logit in a tile that is otherwise -inf (and one in a later, finite tile) makes its
+    row's logp, lse and E NaN, whether the tile pass sums only (lse) or also writes the
+    probabilities (one exp per element against the new max); the other rows stay exact."""
+    vocab, rows = 12, 4
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(rows, vocab, generator=gen)
+    bias = torch.zeros(vocab)
+    bias[:4] = float("-inf")  # the first tile (width 4) is masked
+    hidden[1, 2] = float("nan")  # ... except for a NaN in row 1
+    hidden[2, 9] = float("nan")  # row 2: a NaN in a finite tile
+    weight, targets = torch.eye(vocab), torch.tensor([5, 6, 7, 8])
+    twin = torch_chunked.linear_logprobs_fwd(hidden, weight, bias, targets, 2, compute_expected)
+    with vocab_tile(4):
+        got = cpp.linear_logprobs_fwd(hidden, weight, bias, targets, 2, compute_expected)
+    for g, t in zip(got[:2] if not compute_expected else got, twin):
+        assert g[1].isnan().all() and g[2].isnan().all()
+        torch.testing.assert_close(g[[0, 3]], t[[0, 3]], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_softcap_tanh_and_slope_within_a_few_ulps(isa, monkeypatch):
     """The row loops' vectorised float tanh (napo_math.h): with one vocabulary entry and a weight

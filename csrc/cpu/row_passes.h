@@ -82,10 +82,37 @@ void logprob_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int
   }
 }
 
+// One tile row's softmax numerators with one exp per element (the frozen head's hot loop): with
+// `top` the row's max after this tile, p[v] = exp(z_v - top) * dz/draw_v, and the sum of
+// exp(z_v - top) is returned. Two loops per block: the exp and the sum in the accumulation type,
+// then the stores (a fused loop with fp16/bf16 stores does not vectorise).
+template <class F, class M>
+AccOf<F> tile_probs(const Storage<F>* x, Storage<F>* p, int64_t width, AccOf<F> top, M map) {
+  using Acc = AccOf<F>;
+  Acc total = 0;
+  for (int64_t lo = 0; lo < width; lo += kRowBlock) {
+    const int64_t n = std::min(kRowBlock, width - lo);
+    Acc e[kRowBlock], slope[kRowBlock];
+    Acc s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc z = map.value(F::load(x[lo + j]), slope[j]);
+      e[j] = exp_acc(z - top);
+      s += e[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) p[lo + j] = F::store(e[j] * slope[j]);
+    total += s;
+  }
+  return total;
+}
+
 // One vocabulary tile [rows, width] (columns offset .. offset + width of the full rows) of the
 // online forward: merges the tile into each row's running (max, sum), picks up the target's logit
 // when it falls in the tile, writes exp(x - new max) into `probs` when not null (may be `logits`)
 // and scale[r] = exp(old max - new max), the factor for whatever was summed against the old max.
+// With `probs` the tile's max is found first, so each element's exp is taken once, against the new
+// max, and serves both the sum and the probabilities (the frozen head's forward: half the exps).
 template <class F, class M>
 void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows, int64_t width,
                        int64_t offset, const int64_t* targets, AccOf<F>* run_max, AccOf<F>* run_sum,
@@ -95,32 +122,43 @@ void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * width >= kParallelMin && rows > 1)
   for (int64_t r = 0; r < rows; ++r) {
     const T* x = logits + r * width;
+    const Acc old_max = run_max[r], old_sum = run_sum[r];
+    const int64_t y = targets[r] - offset;
+    if (0 <= y && y < width) target_logit[r] = map.value(F::load(x[y]));
+    if (probs != nullptr) {
+      T* p = probs + r * width;
+      Acc m = neg_inf<Acc>();
+#pragma omp simd reduction(max : m)
+      for (int64_t v = 0; v < width; ++v) {
+        const Acc z = map.value(F::load(x[v]));
+        m = z > m ? z : m;
+      }
+      Acc top = m > old_max ? m : old_max;  // NaN logits: the sum below becomes NaN
+      if (top == neg_inf<Acc>()) {  // only -inf so far: probability 0, nothing summed, unless a NaN hides
+        bool nan = false;
+        for (int64_t v = 0; v < width; ++v) nan = nan || map.value(F::load(x[v])) != map.value(F::load(x[v]));
+        if (!nan) {
+          for (int64_t v = 0; v < width; ++v) p[v] = F::store(Acc(0));
+          scale[r] = Acc(1);
+          continue;
+        }
+        top = static_cast<Acc>(NAN);
+      }
+      const Acc s = tile_probs<F>(x, p, width, top, map);
+      // equal maxima need no rescaling; an old max of -inf has nothing summed (exp(-inf) = 0)
+      scale[r] = top == old_max ? Acc(1) : exp_acc(old_max - top);
+      run_max[r] = top;
+      run_sum[r] = old_sum * scale[r] + s;
+      continue;
+    }
     LsePair<Acc> tile = lse_empty<Acc>();
     for (int64_t lo = 0; lo < width; lo += kRowBlock)
       tile = lse_merge(tile, block_lse<F>(x + lo, std::min(kRowBlock, width - lo), map));
-    const Acc old_max = run_max[r], old_sum = run_sum[r];
     const LsePair<Acc> merged = lse_merge(LsePair<Acc>{old_max, old_sum}, tile);
     // equal maxima (including both -inf: nothing summed yet) need no rescaling
     scale[r] = merged.max == old_max ? Acc(1) : exp_acc(old_max - merged.max);
     run_max[r] = merged.max;
     run_sum[r] = merged.sum;
-    const int64_t y = targets[r] - offset;
-    if (0 <= y && y < width) target_logit[r] = map.value(F::load(x[y]));
-    if (probs != nullptr) {
-      T* p = probs + r * width;
-      // all -inf so far: probability 0 (exp(-inf - -inf) would be NaN); the max stays finite after
-      const Acc m = merged.max;
-      if (m == neg_inf<Acc>()) {
-        for (int64_t v = 0; v < width; ++v) p[v] = F::store(Acc(0));
-        continue;
-      }
-#pragma omp simd
-      for (int64_t v = 0; v < width; ++v) {
-        Acc slope;
-        const Acc z = map.value(F::load(x[v]), slope);
-        p[v] = F::store(softmax_prob(z, m) * slope);
-      }
-    }
   }
 }
 
