@@ -226,7 +226,10 @@ def sequence_logprobs(
 
     flat_labels, seq, num, out_shape = _flat_layout(labels, sequence_ids, num_sequences, hidden.shape[0])
     mask, targets, rows_seq = _scored_rows(flat_labels, seq, vocab, ignore_index, out_shape)
-    rows = hidden.reshape(-1, h)[mask]  # only scored positions cost vocabulary work
+    flat = hidden.reshape(-1, h)
+    # only scored positions cost vocabulary work; when every position is scored, a view: no gather
+    # here and no scatter into a zero gradient in the backward
+    rows = flat if targets.shape[0] == flat.shape[0] else flat[mask]
     name = resolve_backend(backend, hidden.device)
     chunk = chunk_size or choose_chunk_size(rows.shape[0], vocab, hidden.device, memory_budget)
     # E = softmax W from the forward: the hidden gradient then needs no vocabulary work (frozen or not)

@@ -113,7 +113,7 @@ def assert_lowp_no_worse(kernel: Tensor, lowp: Tensor, truth: Tensor, dtype: tor
 # Stage 1 problems
 # ----------------------------------------------------------------------------------------------
 
-LABEL_PATTERNS = ("prefix", "random", "one")
+LABEL_PATTERNS = ("prefix", "random", "one", "all")
 
 
 @dataclass
@@ -142,7 +142,8 @@ def make_labels(shape: tuple[int, ...], vocab: int, pattern: str, gen: torch.Gen
     """Labels ``[..., T]`` where every sequence has at least one scored token.
 
     ``prefix``: the prompt part is ignored, then a scored answer (the recommender layout);
-    ``random``: an arbitrary ignore pattern; ``one``: exactly one scored token per sequence.
+    ``random``: an arbitrary ignore pattern; ``one``: exactly one scored token per sequence;
+    ``all``: nothing ignored (the stage-1 rows are then a view of the hidden states, no gather).
     """
     *lead, t = shape
     labels = torch.randint(0, vocab, shape, generator=gen)
@@ -154,6 +155,8 @@ def make_labels(shape: tuple[int, ...], vocab: int, pattern: str, gen: torch.Gen
     elif pattern == "random":
         keep = torch.rand(n, t, generator=gen) < 0.6
         keep[torch.arange(n), torch.randint(0, t, (n,), generator=gen)] = True
+    elif pattern == "all":
+        keep = torch.ones(n, t, dtype=torch.bool)
     elif pattern == "one":
         keep = torch.zeros(n, t, dtype=torch.bool)
         keep[torch.arange(n), torch.randint(0, t, (n,), generator=gen)] = True
