@@ -3,6 +3,7 @@
 //
 //   Passes::logprob_rows(logits [n, V], probs [n, V] or undefined, targets, logp, lse, spec)
 //   Passes::logit_grad_rows(in [n, V], out [n, V], targets, grad, lse, d_bias or undefined, spec)
+//   Passes::kept_grad_rows(q [n, V] in place, targets, grad, target_slope [n], d_bias or undefined)
 //
 // (contracts as in csrc/cpu/row_kernels.h: the GEMMs write raw logits, the passes map them to the
 // head's logits of `spec`, scale and soft cap). The CPU build instantiates it with the CPU passes, so
@@ -17,6 +18,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -43,6 +45,29 @@ inline void chunk_logits(at::Tensor& out, const at::Tensor& hidden, const at::Te
     at::addmm_out(out, *bias, hidden, weight.t());
   else
     at::mm_out(out, hidden, weight.t());
+}
+
+// c_r = dz/draw at each row's target in the accumulation dtype: the head's scale, with a soft cap
+// scale / cosh^2(scale raw_y / cap) from the target's raw logit raw_y = h_r . W[y_r] + b[y_r] (one
+// dot product per row; 1 / cosh^2 keeps its precision where tanh saturates). NaN for a target
+// outside [0, V).
+inline at::Tensor target_slope(const at::Tensor& hidden, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+                               const LogitSpec& spec) {
+  const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
+  const int64_t vocab = weight.size(0);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  if (vocab == 0) return at::full({hidden.size(0)}, nan, acc);
+  at::Tensor slope;
+  if (spec.cap > 0) {
+    const at::Tensor safe = targets.clamp(0, vocab - 1);
+    at::Tensor raw = (hidden.to(acc.dtype()) * weight.index_select(0, safe).to(acc.dtype())).sum(1);
+    if (bias.has_value()) raw = raw + bias->index_select(0, safe).to(acc.dtype());
+    slope = at::cosh(raw * (spec.scale / spec.cap)).square().reciprocal() * spec.scale;
+  } else {
+    slope = at::full({hidden.size(0)}, spec.scale, acc);
+  }
+  return at::where(targets.ge(0).logical_and(targets.lt(vocab)), slope, nan);
 }
 
 // The forward's outputs in the accumulation type: logp [rows], lse [rows] and, for a frozen head,
@@ -85,14 +110,23 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads_end(
   return {d_hidden, d_weight, d_bias};
 }
 
-// The row-chunk loop keeps no logits (keep_logits is the CPU vocabulary tiles' alone): `kept` is [0].
+// keep_logits (a trainable head whose rows fit one chunk, rows <= chunk_size): the chunk's block comes
+// back as `kept`, holding softmax * dz/draw (computed with or without E), and the backward turns it
+// into the logits' gradient in place (Passes::kept_grad_rows, no exp): no product recomputes the
+// logits, 3 per step instead of 4, for a block that lives from the forward to the backward. This is
+// the CUDA build's kept path (within the [chunk_size, V] budget; the block is in the products'
+// dtype); the CPU keeps raw logits in the weight gradient's memory instead (cpu/tiled_linear.h) and
+// runs this one only through the test ops napo_C::_chunked_linear_logprobs_fwd / _bwd.
 template <class Passes>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets_in, int64_t chunk_size, bool compute_expected, std::optional<double> softcap,
     double logit_scale, bool keep_logits) {
   check_linear("napo_C::linear_logprobs_fwd", hidden, weight, bias, targets_in, chunk_size);
-  TORCH_CHECK_VALUE(!keep_logits, "napo_C::linear_logprobs_fwd: keep_logits=True needs the CPU kernel");
+  TORCH_CHECK_VALUE(!keep_logits || hidden.size(0) <= chunk_size,
+                    "napo_C::linear_logprobs_fwd: keep_logits needs every row in one chunk (rows <= chunk_size), "
+                    "got ",
+                    hidden.size(0), " rows and chunk_size ", chunk_size);
   const LogitSpec spec = logit_spec("napo_C::linear_logprobs_fwd", softcap, logit_scale);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
@@ -112,8 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     const int64_t n = std::min(chunk_size, rows - lo);
     at::Tensor logits = block.narrow(0, 0, n);
     chunk_logits(logits, operand(hidden.narrow(0, lo, n), wide), w, b);
-    Passes::logprob_rows(logits, compute_expected ? logits : at::Tensor(), targets.narrow(0, lo, n),
-                         logp.narrow(0, lo, n), lse.narrow(0, lo, n), spec);
+    Passes::logprob_rows(logits, compute_expected || keep_logits ? logits : at::Tensor(),
+                         targets.narrow(0, lo, n), logp.narrow(0, lo, n), lse.narrow(0, lo, n), spec);
     if (compute_expected) {
       at::Tensor out = expected.narrow(0, lo, n);
       if (acc_is_input)
@@ -122,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
         out.copy_(at::mm(logits, w));
     }
   }
-  return {logp, lse, expected, kept};
+  return {logp, lse, expected, keep_logits ? block : kept};
 }
 
 template <class Passes>
@@ -133,7 +167,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     double logit_scale, const std::optional<at::Tensor>& kept) {
   const char* op = "napo_C::linear_logprobs_bwd";
   check_linear(op, hidden, weight, bias, targets_in, chunk_size);
-  TORCH_CHECK_VALUE(!kept.has_value(), op, ": kept logits come from the CPU kernel only");
   const LogitSpec spec = logit_spec(op, softcap, logit_scale);
   check_row_vector(op, "grad", grad_in, hidden);
   check_row_vector(op, "lse", lse_in, hidden);
@@ -144,19 +177,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
   const at::Tensor w = operand(weight, wide);
   const std::optional<at::Tensor> b = operand(bias, wide);
   const bool acc_is_input = acc.dtype() == w.dtype();  // the products run in the accumulation dtype
+  const bool keep = kept.has_value();
+  if (keep)
+    TORCH_CHECK_VALUE(kept->dim() == 2 && kept->size(0) == rows && kept->size(1) == vocab &&
+                          kept->scalar_type() == w.scalar_type() && kept->device() == hidden.device() &&
+                          kept->is_contiguous(),
+                      op, ": kept must be the forward's contiguous [", rows, ", ", vocab, "] ", w.scalar_type(),
+                      " block of probabilities, got ", kept->sizes(), " ", kept->scalar_type());
 
   auto [d_hidden, d_weight, d_bias] = linear_grads_begin(hidden, weight, need_hidden, need_weight, need_bias);
 
   if (rows > 0 && (need_hidden || need_weight || need_bias)) {
-    at::Tensor block = at::empty({std::min(chunk_size, rows), vocab}, w.options());
-    for (int64_t lo = 0; lo < rows; lo += chunk_size) {
-      const int64_t n = std::min(chunk_size, rows - lo);
+    // kept: one chunk of every row, the forward's probabilities (consumed: they become the gradient)
+    const int64_t step = keep ? rows : chunk_size;
+    at::Tensor block = keep ? *kept : at::empty({std::min(chunk_size, rows), vocab}, w.options());
+    const at::Tensor slope = keep ? target_slope(hidden, weight, bias, targets, spec) : at::Tensor();
+    for (int64_t lo = 0; lo < rows; lo += step) {
+      const int64_t n = std::min(step, rows - lo);
       const at::Tensor h = operand(hidden.narrow(0, lo, n), wide);
       at::Tensor g = block.narrow(0, 0, n);
-      chunk_logits(g, h, w, b);
-      // in place: the logits chunk becomes grad_r * (onehot - softmax) * dz/draw, the bias gradient is summed
-      Passes::logit_grad_rows(g, g, targets.narrow(0, lo, n), grad.narrow(0, lo, n), lse.narrow(0, lo, n),
-                              need_bias ? d_bias : at::Tensor(), spec);
+      // in place: the chunk becomes grad_r * (onehot - softmax) * dz/draw, the bias gradient is summed
+      if (keep) {
+        Passes::kept_grad_rows(g, targets, grad, slope, need_bias ? d_bias : at::Tensor());
+      } else {
+        chunk_logits(g, h, w, b);
+        Passes::logit_grad_rows(g, g, targets.narrow(0, lo, n), grad.narrow(0, lo, n), lse.narrow(0, lo, n),
+                                need_bias ? d_bias : at::Tensor(), spec);
+      }
       if (need_hidden) {
         at::Tensor out = d_hidden.narrow(0, lo, n);
         if (wide)

@@ -253,6 +253,14 @@ NAPO_HOST_DEVICE NAPO_INLINE Acc logit_grad(Acc g, bool is_target, Acc logit, Ac
   return g * ((is_target ? Acc(1) : Acc(0)) - softmax_prob(logit, lse)) * slope;
 }
 
+// The same from what a trainable head's forward kept: q_v = softmax_v * dz_v/draw_v (the forward's
+// probabilities, as the frozen head multiplies them with W) and c = dz/draw at the target, so that
+// g ([v == y] - softmax_v) dz_v/draw_v = g ([v == y] c - q_v): no exp, no logits.
+template <typename Acc>
+NAPO_HOST_DEVICE NAPO_INLINE Acc kept_grad(Acc g, bool is_target, Acc target_slope, Acc q) {
+  return g * ((is_target ? target_slope : Acc(0)) - q);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Stable logistic functions: exp only ever sees a non-positive argument.
 // ---------------------------------------------------------------------------------------------

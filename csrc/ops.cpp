@@ -43,10 +43,23 @@ TORCH_LIBRARY(napo_C, m) {
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int chunk_size, "
       "bool compute_expected, float? softcap=None, float logit_scale=1.0, bool keep_logits=False) "
       "-> (Tensor logp, Tensor lse, Tensor expected, Tensor kept)");
-  // kept: the forward's raw logits, kept in the memory of the weight gradient (csrc/cpu/tiled_linear.h);
-  // the backward writes the weight gradient into it and returns d_weight empty
+  // kept: on the CPU the forward's raw logits, kept in the memory of the weight gradient
+  // (csrc/cpu/tiled_linear.h; the backward writes the weight gradient into it and returns d_weight
+  // empty); on CUDA the [rows, V] block of probabilities (csrc/chunked_linear.h; the backward turns it
+  // into the logits' gradient)
   m.def(
       "linear_logprobs_bwd(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "Tensor lse, int chunk_size, bool need_hidden, bool need_weight, bool need_bias, "
+      "float? softcap=None, float logit_scale=1.0, Tensor(a!)? kept=None) "
+      "-> (Tensor d_hidden, Tensor d_weight, Tensor d_bias)");
+  // The chunk loop of csrc/chunked_linear.h (what the CUDA build runs, kept path included) with the
+  // CPU passes: CPU only, for the tests. Same arguments; kept: the [rows, V] block of probabilities.
+  m.def(
+      "_chunked_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "int chunk_size, bool compute_expected, float? softcap=None, float logit_scale=1.0, "
+      "bool keep_logits=False) -> (Tensor logp, Tensor lse, Tensor expected, Tensor kept)");
+  m.def(
+      "_chunked_linear_logprobs_bwd(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
       "Tensor lse, int chunk_size, bool need_hidden, bool need_weight, bool need_bias, "
       "float? softcap=None, float logit_scale=1.0, Tensor(a!)? kept=None) "
       "-> (Tensor d_hidden, Tensor d_weight, Tensor d_bias)");

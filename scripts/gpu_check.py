@@ -11,11 +11,11 @@ on one H100/H200, the build included:
     step        budget  what
     env          15 s   nvidia-smi, torch / CUDA / triton / nvcc versions
     build       150 s   the CUDA extension in place, MAX_JOBS = CPU count, the visible GPU's arch only
-    tests       130 s   pytest tests/test_gpu.py (junit XML)
-    bench       100 s   python -m benchmarks --device cuda --case rec,dense (no torch.compile
+    tests       120 s   pytest tests/test_gpu.py (junit XML)
+    bench        95 s   python -m benchmarks --device cuda --case rec,dense (no torch.compile
                         contender; Liger-Kernel / Cut Cross-Entropy where importable)
-    keep         30 s   a trainable head's stage 1 (fwd + bwd, bf16) with its logits kept and
-                        recomputed, H = 1024 and 4096: where keeping starts to pay (keep.json)
+    keep         45 s   a trainable head's stage 1 (fwd + bwd, bf16) with its logits kept and
+                        recomputed, triton and cuda, H = 1024 and 4096: where keeping pays (keep.json)
     memcheck     55 s   compute-sanitizer --tool memcheck on a small run of the cuda backend
 
 A step past its budget is stopped and reported as such; the next steps still run in what is left
@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SELF = str(Path(__file__).resolve())
 TOTAL_S = 480
-BUDGETS = {"env": 15, "build": 150, "tests": 130, "bench": 100, "keep": 30, "memcheck": 55}
+BUDGETS = {"env": 15, "build": 150, "tests": 120, "bench": 95, "keep": 45, "memcheck": 55}
 # rows, H, V of the keep step: on either side of ops.linear_logprobs._TRITON_KEEP_MIN_HIDDEN
 KEEP_SHAPES = ((2048, 1024, 32000), (2048, 4096, 32000))
 CPU_BUDGETS = {"env": 15, "cpu-build": 300, "nvcc": 240, "collect": 120}
@@ -229,15 +229,20 @@ def smoke() -> int:
 
 
 def keep_timing(out: Path | None, device: str = "cuda", shapes=KEEP_SHAPES, dtype=None, repeats: int = 10,
-                backends: tuple[str, ...] = ("triton",)) -> list[dict]:  # fmt: skip
+                backends: tuple[str, ...] | None = None) -> list[dict]:  # fmt: skip
     """Median seconds of a trainable head's stage 1, forward and backward (``hidden`` and ``weight``
     gradients), with its logits kept (``NAPO_KERNELS_KEEP_LOGITS=1``) and recomputed (``=0``), for
     each backend and ``(rows, H, V)``; written to ``out`` as JSON when given. What the default
-    decides (``keeps_logits`` with the variable unset) is in ``default_keeps``."""
+    decides (``keeps_logits`` with the variable unset) is in ``default_keeps``. Backends: triton
+    and cuda, where available."""
     sys.path.insert(0, str(ROOT))
     import torch
 
+    import napo_kernels as nk
     from napo_kernels.ops.linear_logprobs import keeps_logits, linear_logprobs
+
+    if backends is None:
+        backends = tuple(b for b in ("triton", "cuda") if nk.backends()[b].available)
 
     dtype = dtype or torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)

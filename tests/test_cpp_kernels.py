@@ -892,3 +892,58 @@ def test_end_to_end_napo_loss_matches_torch_backend(v):
         torch.testing.assert_close(out["cpp"][1], out["torch"][1])
         if trainable:
             torch.testing.assert_close(out["cpp"][2], out["torch"][2])
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA build's chunk loop (csrc/chunked_linear.h) with the CPU passes: its kept path
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("head", [(None, 1.0), (None, 0.37), (1.5, 2.5)], ids=["plain", "scale", "cap"])
+@pytest.mark.parametrize("compute_expected", [False, True], ids=["lse-only", "with-E"])
+def test_chunk_loop_kept_probabilities(dtype, head, compute_expected):
+    """A trainable head whose rows fit one chunk keeps the chunk's block of probabilities
+    (``softmax * dz/draw``) and the backward turns it into the logits' gradient in place, without
+    the product and the exp of the recompute: the forward's outputs are the same bits, the
+    gradients those of the recompute (the same bits for a plain fp32/fp64 head, a rounding or two
+    apart otherwise), a bias gradient included."""
+    fwd, bwd = torch.ops.napo_C._chunked_linear_logprobs_fwd, torch.ops.napo_C._chunked_linear_logprobs_bwd
+    gen = torch.Generator().manual_seed(9)
+    r, v, h = 11, 37, 6
+    hidden = torch.randn(r, h, generator=gen).to(dtype)
+    weight, bias = (torch.randn(v, h, generator=gen) * 0.5).to(dtype), torch.randn(v, generator=gen).to(dtype)
+    targets, grad = torch.randint(0, v, (r,), generator=gen), torch.randn(r, generator=gen).to(_acc(dtype))
+    plain = fwd(hidden, weight, bias, targets, r + 3, compute_expected, *head, False)
+    *outs, kept = fwd(hidden, weight, bias, targets, r + 3, compute_expected, *head, True)
+    block = torch.float32 if dtype == torch.float16 else dtype  # the CPU runs fp16 products in fp32
+    assert kept.shape == (r, v) and kept.dtype == block and plain[3].shape == (0,)
+    for a, b in zip(plain[:3], outs):
+        assert torch.equal(a, b)
+    # what was kept: softmax(z) * dz/draw
+    raw = (hidden.double() @ weight.double().T + bias.double()).to(block).double()  # the block's rounding
+    z = raw * head[1] if head[0] is None else head[0] * torch.tanh(raw * head[1] / head[0])
+    slope = head[1] if head[0] is None else head[1] / torch.cosh(raw * head[1] / head[0]) ** 2
+    tol = 32 * torch.finfo(block).eps
+    torch.testing.assert_close(kept.double(), z.softmax(-1) * slope, rtol=tol, atol=tol)
+    args = (grad, hidden, weight, bias, targets, plain[1], r + 3, True, True, True, *head)
+    recomputed = bwd(*args)
+    from_kept = bwd(*args, kept)
+    for name, a, b in zip(("d_hidden", "d_weight", "d_bias"), recomputed, from_kept):
+        if head == (None, 1.0) and dtype in (torch.float32, torch.float64):
+            assert torch.equal(a, b), name
+        else:
+            tol = 4 * torch.finfo(dtype).eps * max(1.0, float(a.abs().max()))
+            assert float((a.double() - b.double()).abs().max()) <= tol, name
+
+
+def test_chunk_loop_kept_rejects_what_does_not_fit():
+    fwd, bwd = torch.ops.napo_C._chunked_linear_logprobs_fwd, torch.ops.napo_C._chunked_linear_logprobs_bwd
+    hidden, weight, targets = torch.randn(6, 4), torch.randn(9, 4), torch.zeros(6, dtype=torch.long)
+    with pytest.raises(ValueError, match="keep_logits needs every row in one chunk"):
+        fwd(hidden, weight, None, targets, 5, True, None, 1.0, True)
+    _, lse, _, kept = fwd(hidden, weight, None, targets, 6, True, None, 1.0, True)
+    args = (torch.ones(6), hidden, weight, None, targets, lse, 6, False, True, False, None, 1.0)
+    for bad in (kept[:5], kept.double(), kept.T.contiguous()):
+        with pytest.raises(ValueError, match="kept must be the forward's contiguous"):
+            bwd(*args, bad)

@@ -158,3 +158,31 @@ def test_compiled_training_step_matches_eager(compiler, kernel_backend, h):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=lambda m, s=step: f"step {s}: {m}")
     assert float(compiled_crit.margin.ema) == pytest.approx(float(eager_crit.margin.ema), rel=1e-12)
     assert int(compiled_crit.margin.steps) == 3
+
+
+def test_keeps_logits_rules_of_the_gpu_backends(monkeypatch):
+    """triton: kept where the ``[R, V]`` logits fit the ``[chunk_size, V]`` budget and reading them
+    pays (fp32/fp64, or H >= 1024 for 16-bit heads); cuda: wherever the rows fit one chunk;
+    ``NAPO_KERNELS_KEEP_LOGITS`` 0 / 1 overrides. What each keeps: ``fakes.kept``."""
+    from napo_kernels.kernels import fakes
+
+    monkeypatch.delenv("NAPO_KERNELS_KEEP_LOGITS", raising=False)
+    fp32, narrow, wide = torch.empty(50, 64), torch.empty(50, 896).bfloat16(), torch.empty(50, 1024).half()
+    assert keeps_logits("triton", 64, fp32, 64) and not keeps_logits("triton", 65, fp32, 64)
+    assert keeps_logits("triton", 8, fp32.double(), 8) and not keeps_logits("triton", 0, fp32, 8)
+    assert keeps_logits("triton", 8, wide, 8) and not keeps_logits("triton", 8, narrow, 8)
+    monkeypatch.setenv("NAPO_KERNELS_KEEP_LOGITS", "1")
+    assert keeps_logits("triton", 8, narrow, 8) and not keeps_logits("triton", 9, narrow, 8)
+    assert keeps_logits("cuda", 8, narrow, 8) and not keeps_logits("cuda", 9, narrow, 8)
+    monkeypatch.setenv("NAPO_KERNELS_KEEP_LOGITS", "0")
+    assert not keeps_logits("triton", 8, fp32, 8) and not keeps_logits("cuda", 8, fp32, 8)
+    hidden = torch.empty(8, 64).bfloat16()
+    shapes = {
+        layout: fakes.kept(hidden, narrow, True, layout) for layout in ("weight_grad", "logits", "probs")
+    }
+    assert {k: (tuple(v.shape), v.dtype) for k, v in shapes.items()} == {
+        "weight_grad": ((50, 896), torch.float32),
+        "logits": ((8, 50), torch.float32),
+        "probs": ((8, 50), torch.bfloat16),
+    }
+    assert fakes.kept(hidden, narrow, False, "probs").shape == (0,)

@@ -277,22 +277,6 @@ def test_linear_kept_logits_rejects_a_wrong_buffer():
             tlin.linear_logprobs_bwd(*args, kept=bad)
 
 
-def test_keeps_logits_rule_on_triton(monkeypatch):
-    """Kept where the ``[R, V]`` logits fit the ``[chunk_size, V]`` budget and reading them pays
-    (fp32/fp64, or H >= 1024 for 16-bit heads); ``NAPO_KERNELS_KEEP_LOGITS`` 0 / 1 overrides."""
-    from napo_kernels.ops.linear_logprobs import keeps_logits
-
-    monkeypatch.delenv("NAPO_KERNELS_KEEP_LOGITS", raising=False)
-    fp32, narrow, wide = torch.empty(50, 64), torch.empty(50, 896).bfloat16(), torch.empty(50, 1024).half()
-    assert keeps_logits("triton", 64, fp32, 64) and not keeps_logits("triton", 65, fp32, 64)
-    assert keeps_logits("triton", 8, fp32.double(), 8) and not keeps_logits("triton", 0, fp32, 8)
-    assert keeps_logits("triton", 8, wide, 8) and not keeps_logits("triton", 8, narrow, 8)
-    monkeypatch.setenv("NAPO_KERNELS_KEEP_LOGITS", "1")
-    assert keeps_logits("triton", 8, narrow, 8) and not keeps_logits("triton", 9, narrow, 8)
-    monkeypatch.setenv("NAPO_KERNELS_KEEP_LOGITS", "0")
-    assert not keeps_logits("triton", 8, fp32, 8)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sequence_logprobs_keeps_logits_on_triton(monkeypatch, dtype):
     """Through the public API (trainable head): the gradients with kept logits are the bits of the

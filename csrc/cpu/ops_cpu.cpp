@@ -79,6 +79,19 @@ struct CpuPasses {
     });
   }
 
+  static void kept_grad_rows(const at::Tensor& q, const at::Tensor& targets, const at::Tensor& grad,
+                             const at::Tensor& target_slope, const at::Tensor& d_bias) {
+    with_format(q.scalar_type(), [&](auto format) {
+      using F = decltype(format);
+      using T = typename F::storage;
+      using Acc = typename F::acc;
+      cpu::kept_grad_rows<F>(static_cast<T*>(q.mutable_data_ptr()), q.size(0), q.size(1),
+                             targets.const_data_ptr<int64_t>(), grad.const_data_ptr<Acc>(),
+                             target_slope.const_data_ptr<Acc>(),
+                             d_bias.defined() ? d_bias.mutable_data_ptr<Acc>() : nullptr, team_size());
+    });
+  }
+
   // `offset`: the vocabulary entry of column 0 (a tile's start; 0 for whole rows)
   static void logit_grad_rows(const at::Tensor& in, const at::Tensor& out, const at::Tensor& targets,
                               const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& d_bias,
@@ -179,4 +192,7 @@ TORCH_LIBRARY_IMPL(napo_C, CPU, m) {
   m.impl("logits_logprobs_fwd", &napo::logits_logprobs_fwd<napo::CpuPasses>);
   m.impl("logits_logprobs_bwd", &napo::logits_logprobs_bwd<napo::CpuPasses>);
   m.impl("preference_fwd", &napo::preference_fwd);
+  // the CUDA build's chunk loop with the CPU passes (its kept path included), for the tests
+  m.impl("_chunked_linear_logprobs_fwd", &napo::linear_logprobs_fwd<napo::CpuPasses>);
+  m.impl("_chunked_linear_logprobs_bwd", &napo::linear_logprobs_bwd<napo::CpuPasses>);
 }

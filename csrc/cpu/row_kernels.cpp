@@ -105,6 +105,22 @@ void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_
 }
 #undef NAPO_DISPATCH_ISA
 
+template <class F>
+void kept_grad_rows(Storage<F>* q, int64_t rows, int64_t vocab, const int64_t* targets, const AccOf<F>* grad,
+                    const AccOf<F>* target_slope, AccOf<F>* d_bias, int threads) {
+#ifdef NAPO_CPU_X86_CLONES
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512::kept_grad_rows<F>(q, rows, vocab, targets, grad, target_slope, d_bias, threads);
+    case Isa::kAvx2:
+      return avx2::kept_grad_rows<F>(q, rows, vocab, targets, grad, target_slope, d_bias, threads);
+    default:
+      break;
+  }
+#endif
+  generic::kept_grad_rows<F>(q, rows, vocab, targets, grad, target_slope, d_bias, threads);
+}
+
 // Stage 2 is O(B * M) and tiny next to stage 1: one plain version, OpenMP over prompt rows.
 template <typename Acc>
 int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* select, const Acc* coef,
@@ -153,7 +169,9 @@ int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* sele
                                      const LogitSpec&, int);                                                 \
   template void logit_grad_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t,                \
                                    const int64_t*, const AccOf<F>*, const AccOf<F>*, AccOf<F>*,              \
-                                   const LogitSpec&, int);
+                                   const LogitSpec&, int);                                                 \
+  template void kept_grad_rows<F>(Storage<F>*, int64_t, int64_t, const int64_t*, const AccOf<F>*,            \
+                                  const AccOf<F>*, AccOf<F>*, int);
 NAPO_INSTANTIATE_ROWS(Float32)
 NAPO_INSTANTIATE_ROWS(Float64)
 NAPO_INSTANTIATE_ROWS(Float16)

@@ -43,6 +43,13 @@ void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_
                      const int64_t* targets, const AccOf<F>* grad, const AccOf<F>* lse, AccOf<F>* d_bias,
                      const LogitSpec& spec, int threads);
 
+// Backward from what a trainable head's forward kept (chunked_linear.h): q[r, v] = softmax * dz/draw
+// becomes, in place, grad[r] * ([v == y_r] target_slope[r] - q[r, v]) (napo_math.h kept_grad);
+// d_bias as in logit_grad_rows.
+template <class F>
+void kept_grad_rows(Storage<F>* q, int64_t rows, int64_t vocab, const int64_t* targets, const AccOf<F>* grad,
+                    const AccOf<F>* target_slope, AccOf<F>* d_bias, int threads);
+
 // Stage 2: per prompt row i of [B, M]: loss_rows[i] and weights[i, :] (see napo_math.h).
 // Returns the index of the first row with no selected term (-1 if none); such a row is left unset.
 template <typename Acc>

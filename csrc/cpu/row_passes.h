@@ -162,19 +162,10 @@ void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows
   }
 }
 
-// The gradient of `len` columns of one row (see logit_grad_rows), y the target's column among
-// them or -1; the values are also added to bias_sum when it is not null.
-template <class F, class M>
-inline void logit_grad_span(const Storage<F>* x, Storage<F>* o, int len, int y, AccOf<F> g, AccOf<F> row_lse,
-                            AccOf<F>* bias_sum, M map) {
-  using Acc = AccOf<F>;
-  Acc d[kColBlock];  // two simple loops vectorise where one fused loop does not (fp16 stores)
-#pragma omp simd
-  for (int v = 0; v < len; ++v) {
-    Acc slope;
-    const Acc z = map.value(F::load(x[v]), slope);
-    d[v] = logit_grad(g, v == y, z, row_lse, slope);
-  }
+// The end of a backward span: d (len values) added to bias_sum when it is not null, then stored.
+// Two simple loops vectorise where one fused loop does not (fp16 stores).
+template <class F>
+inline void store_span(const AccOf<F>* d, Storage<F>* o, int len, AccOf<F>* bias_sum) {
   if (bias_sum != nullptr) {
 #pragma omp simd
     for (int v = 0; v < len; ++v) bias_sum[v] += d[v];
@@ -183,40 +174,86 @@ inline void logit_grad_span(const Storage<F>* x, Storage<F>* o, int len, int y, 
   for (int v = 0; v < len; ++v) o[v] = F::store(d[v]);
 }
 
+// The gradient of `len` columns of one row (see logit_grad_rows), y the target's column among
+// them or -1; the values are also added to bias_sum when it is not null.
 template <class F, class M>
-void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab, int64_t offset,
-                     const int64_t* targets, const AccOf<F>* grad, const AccOf<F>* lse, AccOf<F>* d_bias,
-                     M map, int threads) {
+inline void logit_grad_span(const Storage<F>* x, Storage<F>* o, int len, int y, AccOf<F> g, AccOf<F> row_lse,
+                            AccOf<F>* bias_sum, M map) {
   using Acc = AccOf<F>;
+  Acc d[kColBlock];
+#pragma omp simd
+  for (int v = 0; v < len; ++v) {
+    Acc slope;
+    const Acc z = map.value(F::load(x[v]), slope);
+    d[v] = logit_grad(g, v == y, z, row_lse, slope);
+  }
+  store_span<F>(d, o, len, bias_sum);
+}
+
+// The same from kept probabilities q (kept_grad_rows), in place.
+template <class F>
+inline void kept_grad_span(Storage<F>* q, int len, int y, AccOf<F> g, AccOf<F> target_slope,
+                           AccOf<F>* bias_sum) {
+  using Acc = AccOf<F>;
+  Acc d[kColBlock];
+#pragma omp simd
+  for (int v = 0; v < len; ++v) d[v] = kept_grad(g, v == y, target_slope, F::load(q[v]));
+  store_span<F>(d, q, len, bias_sum);
+}
+
+// The threading of both backward passes over a [rows, vocab] block whose column 0 is vocabulary
+// entry `offset`: span(r, lo, len, y, bias_sum) produces row r's columns [lo, lo + len), y the
+// target's column among them or -1. Without a bias gradient every (row, column block) span is
+// independent; with one, each column block is owned by one thread and its rows summed in order
+// into d_bias (bitwise reproducible).
+template <typename Acc, class Span>
+void grad_spans(int64_t rows, int64_t vocab, int64_t offset, const int64_t* targets, Acc* d_bias, int threads,
+                Span span) {
   const int64_t blocks = (vocab + kColBlock - 1) / kColBlock;
   // the target's column within block [lo, lo + len), -1 when outside (32-bit: cheap vector compares)
   auto target_in = [&](int64_t r, int64_t lo, int64_t len) {
     const int64_t y = targets[r] - offset - lo;
     return 0 <= y && y < len ? static_cast<int>(y) : -1;
   };
-  if (d_bias == nullptr) {  // every (row, column block) span is independent: split them all
+  if (d_bias == nullptr) {
     const int64_t spans = rows * blocks;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * vocab >= kParallelMin && spans > 1)
     for (int64_t i = 0; i < spans; ++i) {
       const int64_t r = i / blocks, lo = (i % blocks) * kColBlock;
       const int len = static_cast<int>(std::min(kColBlock, vocab - lo));
-      logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, target_in(r, lo, len), grad[r],
-                         lse[r], nullptr, map);
+      span(r, lo, len, target_in(r, lo, len), static_cast<Acc*>(nullptr));
     }
     return;
   }
-  // with the bias gradient: each column block is owned by one thread, rows summed in order
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * vocab >= kParallelMin && blocks > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t lo = b * kColBlock;
     const int len = static_cast<int>(std::min(kColBlock, vocab - lo));
     Acc bias_sum[kColBlock] = {};
-    for (int64_t r = 0; r < rows; ++r)
-      logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, target_in(r, lo, len), grad[r],
-                         lse[r], bias_sum, map);
+    for (int64_t r = 0; r < rows; ++r) span(r, lo, len, target_in(r, lo, len), bias_sum);
 #pragma omp simd
     for (int v = 0; v < len; ++v) d_bias[lo + v] += bias_sum[v];
   }
+}
+
+template <class F, class M>
+void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_t vocab, int64_t offset,
+                     const int64_t* targets, const AccOf<F>* grad, const AccOf<F>* lse, AccOf<F>* d_bias,
+                     M map, int threads) {
+  grad_spans(rows, vocab, offset, targets, d_bias, threads,
+             [&](int64_t r, int64_t lo, int len, int y, AccOf<F>* bias_sum) {
+               logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, y, grad[r], lse[r], bias_sum,
+                                  map);
+             });
+}
+
+template <class F>
+void kept_grad_rows(Storage<F>* q, int64_t rows, int64_t vocab, const int64_t* targets, const AccOf<F>* grad,
+                    const AccOf<F>* target_slope, AccOf<F>* d_bias, int threads) {
+  grad_spans(rows, vocab, 0, targets, d_bias, threads,
+             [&](int64_t r, int64_t lo, int len, int y, AccOf<F>* bias_sum) {
+               kept_grad_span<F>(q + r * vocab + lo, len, y, grad[r], target_slope[r], bias_sum);
+             });
 }
 
 }  // namespace napo::cpu::NAPO_CPU_ISA

@@ -93,28 +93,16 @@ inline std::optional<at::Tensor> bias_tile(const std::optional<at::Tensor>& bias
   return bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, v0, w)) : std::nullopt;
 }
 
-// c_r W[y_r] in the accumulation dtype, c_r = dz/draw at the target (1 for a plain head): the
-// target's term of d logp_r / d h_r = c_r W[y_r] - E_r. A target outside [0, V) gives NaN.
+// c_r W[y_r] in the accumulation dtype, c_r = dz/draw at the target (target_slope, chunked_linear.h):
+// the target's term of d logp_r / d h_r = c_r W[y_r] - E_r. A target outside [0, V) gives NaN.
 inline at::Tensor target_rows(const at::Tensor& hidden, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, const at::Tensor& targets,
                               const LogitSpec& spec) {
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const int64_t vocab = weight.size(0);
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  if (vocab == 0) return at::full({hidden.size(0), hidden.size(1)}, nan, acc);
-  const at::Tensor safe = targets.clamp(0, vocab - 1);
-  const at::Tensor w_y = weight.index_select(0, safe).to(acc.dtype());
-  at::Tensor slope;
-  if (spec.cap > 0) {
-    at::Tensor raw = (hidden.to(acc.dtype()) * w_y).sum(1);
-    if (bias.has_value()) raw = raw + bias->index_select(0, safe).to(acc.dtype());
-    // scale (1 - tanh^2) = scale / cosh^2: keeps its precision where tanh saturates
-    slope = at::cosh(raw * (spec.scale / spec.cap)).square().reciprocal() * spec.scale;
-  } else {
-    slope = at::full({hidden.size(0)}, spec.scale, acc);
-  }
-  slope = at::where(targets.ge(0).logical_and(targets.lt(vocab)), slope, nan);
-  return w_y * slope.unsqueeze(1);
+  if (vocab == 0) return at::full({hidden.size(0), hidden.size(1)}, std::numeric_limits<double>::quiet_NaN(), acc);
+  const at::Tensor w_y = weight.index_select(0, targets.clamp(0, vocab - 1)).to(acc.dtype());
+  return w_y * target_slope(hidden, weight, bias, targets, spec).unsqueeze(1);
 }
 
 template <class Passes>

@@ -52,6 +52,22 @@ struct LogitGradRowsArgs {
 };
 const char* logit_grad_rows(const LogitGradRowsArgs& args);
 
+// Stage 1 backward from a trainable head's kept block (csrc/chunked_linear.h): q = softmax * dz/draw
+// becomes, in place, grad_r * ([v == y_r] target_slope_r - q) (napo_math.h kept_grad); d_bias as above.
+struct KeptGradRowsArgs {
+  DType dtype;  // of q
+  void* q;      // [rows, vocab], in place
+  int64_t rows;
+  int64_t vocab;
+  const int64_t* targets;    // [rows]
+  const void* grad;          // [rows], accumulation dtype
+  const void* target_slope;  // [rows], accumulation dtype: dz/draw at the target
+  void* d_bias;              // [vocab], accumulation dtype, added to; may be null
+  void* scratch;             // see bias_scratch_groups; may be null when d_bias is
+  void* stream;              // cudaStream_t
+};
+const char* kept_grad_rows(const KeptGradRowsArgs& args);
+
 // Stage 2 (one block per prompt row) over the [batch, pool] reward matrix. A row with no selected
 // term gets loss and weights NaN.
 struct PreferenceRowsArgs {

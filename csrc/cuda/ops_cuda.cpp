@@ -82,6 +82,27 @@ struct CudaPasses {
                  }),
                  "logit_grad_rows");
   }
+
+  static void kept_grad_rows(const at::Tensor& q, const at::Tensor& targets, const at::Tensor& grad,
+                             const at::Tensor& target_slope, const at::Tensor& d_bias) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    at::Tensor scratch;
+    if (d_bias.defined())
+      scratch = at::empty({cuda::bias_scratch_groups(q.size(0)), q.size(1)}, d_bias.options());
+    check_launch(cuda::kept_grad_rows({
+                     .dtype = device_dtype(q.scalar_type()),
+                     .q = q.mutable_data_ptr(),
+                     .rows = q.size(0),
+                     .vocab = q.size(1),
+                     .targets = targets.const_data_ptr<int64_t>(),
+                     .grad = grad.const_data_ptr(),
+                     .target_slope = target_slope.const_data_ptr(),
+                     .d_bias = d_bias.defined() ? d_bias.mutable_data_ptr() : nullptr,
+                     .scratch = scratch.defined() ? scratch.mutable_data_ptr() : nullptr,
+                     .stream = current_stream(q),
+                 }),
+                 "kept_grad_rows");
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor> preference_fwd(const at::Tensor& chosen_in, const at::Tensor& rejected_in,

@@ -47,13 +47,37 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// Thread per (column, group of rows): writes grad_r * (onehot - softmax) * dz/draw down its column
-// and, when asked, the group's column sum into scratch[group, column] (summed by bias_sum_kernel).
-template <typename T, class M>
+// The element of the backward from logits: grad_r * (onehot - softmax(z)) * dz/draw, z = map(raw).
+template <typename Acc, class M>
+struct FromLogits {
+  const int64_t* targets;
+  const Acc* grad;
+  const Acc* lse;
+  M map;
+  __device__ Acc operator()(int64_t r, int64_t v, Acc raw) const {
+    Acc slope;
+    const Acc z = map.value(raw, slope);
+    return logit_grad(grad[r], targets[r] == v, z, lse[r], slope);
+  }
+};
+
+// The element of the backward from kept probabilities q (napo_math.h kept_grad).
+template <typename Acc>
+struct FromKept {
+  const int64_t* targets;
+  const Acc* grad;
+  const Acc* target_slope;
+  __device__ Acc operator()(int64_t r, int64_t v, Acc q) const {
+    return kept_grad(grad[r], targets[r] == v, target_slope[r], q);
+  }
+};
+
+// Thread per (column, group of rows): writes grad(r, v, in) down its column and, when asked, the
+// group's column sum into scratch[group, column] (summed by bias_sum_kernel).
+template <typename T, class G>
 __global__ void __launch_bounds__(kColThreads)
-    logit_grad_kernel(const T* in, T* out, int64_t rows, int64_t vocab, int64_t rows_per_group,
-                      const int64_t* targets, const typename Io<T>::Acc* grad, const typename Io<T>::Acc* lse,
-                      typename Io<T>::Acc* scratch, M map) {
+    grad_kernel(const T* in, T* out, int64_t rows, int64_t vocab, int64_t rows_per_group,
+                typename Io<T>::Acc* scratch, G grad) {
   using Acc = typename Io<T>::Acc;
   const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (v >= vocab) return;
@@ -62,9 +86,7 @@ __global__ void __launch_bounds__(kColThreads)
   Acc column = 0;
   for (int64_t r = lo; r < hi; ++r) {
     const int64_t i = r * vocab + v;
-    Acc slope;
-    const Acc z = map.value(Io<T>::load(in[i]), slope);
-    const Acc d = logit_grad(grad[r], targets[r] == v, z, lse[r], slope);
+    const Acc d = grad(r, v, Io<T>::load(in[i]));
     out[i] = Io<T>::store(d);
     column += d;
   }
@@ -100,25 +122,41 @@ const char* launch_logprob(const LogprobRowsArgs& a) {
   return last_error();
 }
 
+// Both backward passes: grad_kernel over [rows, vocab], then the bias gradient's fixed-order sum.
+template <typename T, class G>
+const char* launch_grad(const void* in, void* out, int64_t rows, int64_t vocab, void* d_bias, void* scratch_in,
+                        void* stream_in, G grad) {
+  using Acc = typename Io<T>::Acc;
+  if (rows == 0 || vocab == 0) return nullptr;
+  const auto stream = static_cast<cudaStream_t>(stream_in);
+  const int64_t per_group = rows_per_group(rows);
+  const int64_t groups = (rows + per_group - 1) / per_group;
+  const dim3 grid(static_cast<unsigned>((vocab + kColThreads - 1) / kColThreads), static_cast<unsigned>(groups));
+  Acc* scratch = d_bias != nullptr ? static_cast<Acc*>(scratch_in) : nullptr;
+  grad_kernel<T, G><<<grid, kColThreads, 0, stream>>>(static_cast<const T*>(in), static_cast<T*>(out), rows,
+                                                      vocab, per_group, scratch, grad);
+  if (d_bias != nullptr)
+    bias_sum_kernel<Acc><<<grid.x, kColThreads, 0, stream>>>(scratch, groups, vocab, static_cast<Acc*>(d_bias));
+  return last_error();
+}
+
 template <typename T>
 const char* launch_logit_grad(const LogitGradRowsArgs& a) {
   using Acc = typename Io<T>::Acc;
-  if (a.rows == 0 || a.vocab == 0) return nullptr;
-  const auto stream = static_cast<cudaStream_t>(a.stream);
-  const int64_t per_group = rows_per_group(a.rows);
-  const int64_t groups = (a.rows + per_group - 1) / per_group;
-  const dim3 grid(static_cast<unsigned>((a.vocab + kColThreads - 1) / kColThreads),
-                  static_cast<unsigned>(groups));
-  Acc* scratch = a.d_bias != nullptr ? static_cast<Acc*>(a.scratch) : nullptr;
+  const char* error = nullptr;
   with_logit_map<Acc>(a.spec, [&](auto map) {
-    logit_grad_kernel<T, decltype(map)><<<grid, kColThreads, 0, stream>>>(
-        static_cast<const T*>(a.in), static_cast<T*>(a.out), a.rows, a.vocab, per_group, a.targets,
-        static_cast<const Acc*>(a.grad), static_cast<const Acc*>(a.lse), scratch, map);
+    const FromLogits<Acc, decltype(map)> grad{a.targets, static_cast<const Acc*>(a.grad),
+                                              static_cast<const Acc*>(a.lse), map};
+    error = launch_grad<T>(a.in, a.out, a.rows, a.vocab, a.d_bias, a.scratch, a.stream, grad);
   });
-  if (a.d_bias != nullptr)
-    bias_sum_kernel<Acc>
-        <<<grid.x, kColThreads, 0, stream>>>(scratch, groups, a.vocab, static_cast<Acc*>(a.d_bias));
-  return last_error();
+  return error;
+}
+
+template <typename T>
+const char* launch_kept_grad(const KeptGradRowsArgs& a) {
+  using Acc = typename Io<T>::Acc;
+  const FromKept<Acc> grad{a.targets, static_cast<const Acc*>(a.grad), static_cast<const Acc*>(a.target_slope)};
+  return launch_grad<T>(a.q, a.q, a.rows, a.vocab, a.d_bias, a.scratch, a.stream, grad);
 }
 
 }  // namespace
@@ -138,6 +176,20 @@ const char* logprob_rows(const LogprobRowsArgs& args) {
       return launch_logprob<float>(args);
     case DType::kFloat64:
       return launch_logprob<double>(args);
+  }
+  return "napo_C: unsupported dtype";
+}
+
+const char* kept_grad_rows(const KeptGradRowsArgs& args) {
+  switch (args.dtype) {
+    case DType::kFloat16:
+      return launch_kept_grad<__half>(args);
+    case DType::kBFloat16:
+      return launch_kept_grad<__nv_bfloat16>(args);
+    case DType::kFloat32:
+      return launch_kept_grad<float>(args);
+    case DType::kFloat64:
+      return launch_kept_grad<double>(args);
   }
   return "napo_C: unsupported dtype";
 }

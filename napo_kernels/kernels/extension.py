@@ -29,6 +29,11 @@ def cpu_block_shape(rows: int, vocab: int, chunk_size: int) -> tuple[int, int]:
     return block_rows, width
 
 
+def _kept_layout(hidden: Tensor) -> str:
+    """What the ``napo_C`` ops keep on this device (``fakes.kept``)."""
+    return "probs" if hidden.device.type == "cuda" else "weight_grad"
+
+
 def linear_logprobs_fwd(
     hidden: Tensor,
     weight: Tensor,
@@ -40,8 +45,9 @@ def linear_logprobs_fwd(
     logit_scale: float = 1.0,
     keep_logits: bool = False,
 ) -> tuple[Tensor, ...]:
-    """The contract's ``(logp, lse, expected)``; with ``keep_logits`` (CPU) a fourth output, the raw
-    logits kept in a ``[V, H]`` buffer for the backward (``csrc/cpu/tiled_linear.h``)."""
+    """The contract's ``(logp, lse, expected)``; with ``keep_logits`` a fourth output for the
+    backward: on the CPU the raw logits kept in a ``[V, H]`` buffer (``csrc/cpu/tiled_linear.h``),
+    on CUDA the ``[R, V]`` block of probabilities (``csrc/chunked_linear.h``)."""
     out = _ops.linear_logprobs_fwd(
         hidden, weight, bias, targets, chunk_size, compute_expected, softcap, logit_scale, keep_logits
     )
@@ -63,8 +69,8 @@ def linear_logprobs_bwd(
     logit_scale: float = 1.0,
     kept: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """With ``kept`` (the forward's fourth output) the weight gradient is written into it and
-    ``d_weight`` comes back empty."""
+    """With ``kept`` (the forward's fourth output, overwritten): on the CPU the weight gradient is
+    written into it and ``d_weight`` comes back empty."""
     return _ops.linear_logprobs_bwd(
         grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias,
         softcap, logit_scale, kept,
@@ -103,7 +109,11 @@ def _(
     logit_scale=1.0,
     keep_logits=False,
 ):
-    return (*fakes.linear_logprobs_fwd(hidden, compute_expected), fakes.kept(hidden, weight, keep_logits))
+    layout = _kept_layout(hidden)
+    return (
+        *fakes.linear_logprobs_fwd(hidden, compute_expected),
+        fakes.kept(hidden, weight, keep_logits, layout),
+    )
 
 
 @torch.library.register_fake("napo_C::linear_logprobs_bwd")
@@ -111,8 +121,9 @@ def _(
     grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias,
     softcap=None, logit_scale=1.0, kept=None,
 ):  # fmt: skip
+    into_kept = kept is not None and _kept_layout(hidden) == "weight_grad"
     return fakes.linear_logprobs_bwd(
-        hidden, weight, bias, need_hidden, need_weight and kept is None, need_bias
+        hidden, weight, bias, need_hidden, need_weight and not into_kept, need_bias
     )
 
 

@@ -25,15 +25,18 @@ def linear_logprobs_fwd(hidden: Tensor, compute_expected: bool) -> tuple[Tensor,
     )
 
 
-def kept(hidden: Tensor, weight: Tensor, keep_logits: bool, grad_in_kept: bool = True) -> Tensor:
-    """The forward's kept logits in the accumulation dtype with ``keep_logits``: ``[V, H]`` where
-    the backward writes the weight gradient into them (``cpp``), else ``[R, V]`` (``triton``);
-    without, ``[0]``."""
+def kept(hidden: Tensor, weight: Tensor, keep_logits: bool, layout: str = "weight_grad") -> Tensor:
+    """The forward's kept logits with ``keep_logits``, else ``[0]``; by ``layout``:
+    ``"weight_grad"`` (cpp) ``[V, H]`` raw logits in the weight gradient's memory, accumulation
+    dtype; ``"logits"`` (triton) ``[R, V]`` raw logits, accumulation dtype; ``"probs"`` (cuda)
+    ``[R, V]`` probabilities in the input dtype (the chunk loop's block)."""
+    acc = acc_dtype(hidden.dtype)
     if not keep_logits:
-        shape = (0,)
-    else:
-        shape = tuple(weight.shape) if grad_in_kept else (hidden.shape[0], weight.shape[0])
-    return hidden.new_empty(shape, dtype=acc_dtype(hidden.dtype))
+        return hidden.new_empty((0,), dtype=acc)
+    if layout == "weight_grad":
+        return hidden.new_empty(tuple(weight.shape), dtype=acc)
+    rows_by_vocab = (hidden.shape[0], weight.shape[0])
+    return hidden.new_empty(rows_by_vocab, dtype=acc if layout == "logits" else hidden.dtype)
 
 
 def linear_logprobs_bwd(

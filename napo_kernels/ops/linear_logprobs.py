@@ -10,9 +10,10 @@ with one ``logit_scale / cosh^2(logit_scale raw_y / softcap)`` from the target's
 ``raw_y = h_r . W[y_r] + b[y_r]`` (one dot product per row). A frozen ``lm_head`` needs nothing
 else; a trainable one gets its weight and bias gradients from
 ``napo_kernels::linear_logprobs_backward``, which recomputes the logits from the saved ``lse``, or,
-with ``keep_logits=True`` (see ``keeps_logits``), reads the raw logits the forward kept: the fourth
-output ``kept``, a ``[V, H]`` buffer that becomes the weight gradient on the ``cpp`` backend, the
-``[R, V]`` logits within the memory budget on the ``triton`` backend.
+with ``keep_logits=True`` (see ``keeps_logits``), reads what the forward kept: the fourth output
+``kept``, a ``[V, H]`` buffer of raw logits that becomes the weight gradient on the ``cpp``
+backend, the ``[R, V]`` raw logits on ``triton``, the ``[R, V]`` probabilities on ``cuda`` (both
+within the memory budget).
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ _KEPT_DTYPES = (torch.float32, torch.float64, torch.float16)
 # does ~300 bf16 tensor-core flops per byte of HBM, so H >~ 1200 at peak, less at a real GEMM's
 # efficiency. An estimate, not a measurement (no GPU here): `make gpu-check` times both.
 _TRITON_KEEP_MIN_HIDDEN = 1024
-# backends whose backward writes the weight gradient into the kept buffer (the cpp [V, H] layout)
+# what each backend keeps (fakes.kept); the backward of cpp and cuda overwrites it (cpp with the
+# weight gradient, returned from it), triton's only reads it
+_KEPT_LAYOUT = {"cpp": "weight_grad", "triton": "logits", "cuda": "probs"}
 _GRAD_IN_KEPT = ("cpp",)
+_CONSUMED = ("cpp", "cuda")
 
 
 def keeps_logits(backend: str, rows: int, weight: Tensor, chunk_size: int) -> bool:
@@ -46,7 +50,10 @@ def keeps_logits(backend: str, rows: int, weight: Tensor, chunk_size: int) -> bo
       budget;
     - ``triton``: when the ``[rows, V]`` logits in the accumulation dtype fit the same budget
       (``rows <= chunk_size``) and reading them back pays (fp32/fp64 heads, or ``H >= 1024`` for
-      fp16/bf16; ``_TRITON_KEEP_MIN_HIDDEN``).
+      fp16/bf16; ``_TRITON_KEEP_MIN_HIDDEN``);
+    - ``cuda``: when every row fits one chunk (``rows <= chunk_size``): the chunk loop's
+      ``[rows, V]`` block, which holds the probabilities after the forward, is kept instead of
+      freed; the backward turns it into the gradient without the product and the exp pass.
 
     ``NAPO_KERNELS_KEEP_LOGITS=0`` turns it off, ``=1`` keeps wherever the memory fits (whether it
     pays or not: for timing both ways). The buffer lives from the forward to the backward: many
@@ -57,6 +64,8 @@ def keeps_logits(backend: str, rows: int, weight: Tensor, chunk_size: int) -> bo
     if backend == "triton":
         pays = flag == "1" or weight.dtype in (torch.float32, torch.float64)
         return rows <= chunk_size and (pays or weight.shape[1] >= _TRITON_KEEP_MIN_HIDDEN)
+    if backend == "cuda":
+        return rows <= chunk_size
     if not (
         backend == "cpp"
         and weight.device.type == "cpu"
@@ -84,8 +93,8 @@ def linear_logprobs(
     keep_logits: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row ``(logp, lse, expected, kept)`` of the head's logits on ``backend`` (module
-    docstring); ``kept`` is ``[V, H]`` (``cpp``) or ``[R, V]`` (``triton``) with ``keep_logits``
-    (only where ``keeps_logits`` says so), else ``[0]``.
+    docstring); ``kept`` as ``fakes.kept`` lays it out for the backend with ``keep_logits`` (only
+    where ``keeps_logits`` says so), else ``[0]``.
 
     Inputs are trusted: ``targets`` must lie in ``[0, V)``, ``softcap`` be None or > 0 and
     ``logit_scale`` > 0 (not re-checked here; the public API validates them, see
@@ -106,7 +115,7 @@ def _(
     hidden, weight, bias, targets, chunk_size, compute_expected, backend, softcap=None, logit_scale=1.0,
     keep_logits=False,
 ):  # fmt: skip
-    kept = fakes.kept(hidden, weight, keep_logits, grad_in_kept=backend in _GRAD_IN_KEPT)
+    kept = fakes.kept(hidden, weight, keep_logits, _KEPT_LAYOUT.get(backend, "logits"))
     return (*fakes.linear_logprobs_fwd(hidden, compute_expected), kept)
 
 
@@ -128,8 +137,9 @@ def linear_logprobs_backward(
     kept: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_hidden, d_weight, d_bias)`` of ``sum(grad * logp)``; inputs trusted as in the forward.
-    With ``kept`` (the forward's) the logits are read, not recomputed; on ``cpp`` the weight
-    gradient is written into it (in the accumulation dtype) and ``d_weight`` comes back empty."""
+    With ``kept`` (the forward's) the logits are not recomputed; on ``cpp`` the weight gradient is
+    written into it (in the accumulation dtype) and ``d_weight`` comes back empty; on ``cpp`` and
+    ``cuda`` it is overwritten."""
     args = (grad, hidden, weight, bias, targets, lse, chunk_size, need_hidden, need_weight, need_bias,
             softcap, logit_scale)  # fmt: skip
     kernels = dispatch.kernels(backend)
@@ -157,8 +167,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(lse, expected, kept)
     ctx.set_materialize_grads(False)  # else autograd builds zero gradients for them: [V, H] for kept
-    # cpp: the first backward writes the weight gradient over the kept logits
+    # cpp, cuda: the first backward overwrites what was kept (cpp: with the weight gradient)
     ctx.grad_in_kept = keep and backend in _GRAD_IN_KEPT
+    ctx.consumes_kept = keep and backend in _CONSUMED
     ctx.kept_consumed = False
     ctx.save_for_backward(hidden, weight, bias, targets, lse, expected, kept)
 
@@ -190,7 +201,7 @@ def _backward(ctx, grad_logp, grad_lse, grad_expected, grad_kept):
     # the weight and bias gradients first: their scratch is freed before the hidden gradient exists
     if need_weight or need_bias or (need_hidden and not from_expected):
         rest = need_hidden and not from_expected
-        if ctx.grad_in_kept and ctx.kept_consumed:
+        if ctx.consumes_kept and ctx.kept_consumed:
             # another backward through the same graph (retain_graph, gradcheck): the logits kept
             # again by the same products, so the same bits
             head = (ctx.softcap, ctx.logit_scale)
@@ -199,7 +210,7 @@ def _backward(ctx, grad_logp, grad_lse, grad_expected, grad_kept):
             )[3]
         # .data: the saved tensor keeps its version, so another backward can still unpack the others
         kept = kept.data if ctx.keep_logits else None
-        ctx.kept_consumed = ctx.grad_in_kept
+        ctx.kept_consumed = ctx.consumes_kept
         d_h, d_w, d_b = linear_logprobs_backward(
             grad, hidden, weight, bias, targets, lse, ctx.chunk_size, rest, need_weight, need_bias,
             ctx.backend, ctx.softcap, ctx.logit_scale, kept,
