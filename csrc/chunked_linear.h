@@ -123,10 +123,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     const at::Tensor& targets_in, int64_t chunk_size, bool compute_expected, std::optional<double> softcap,
     double logit_scale, bool keep_logits) {
   check_linear("napo_C::linear_logprobs_fwd", hidden, weight, bias, targets_in, chunk_size);
-  TORCH_CHECK_VALUE(!keep_logits || hidden.size(0) <= chunk_size,
-                    "napo_C::linear_logprobs_fwd: keep_logits needs every row in one chunk (rows <= chunk_size), "
-                    "got ",
-                    hidden.size(0), " rows and chunk_size ", chunk_size);
+  TORCH_CHECK_VALUE(
+      !keep_logits || hidden.size(0) <= chunk_size,
+      "napo_C::linear_logprobs_fwd: keep_logits needs every row in one chunk (rows <= chunk_size), "
+      "got ",
+      hidden.size(0), " rows and chunk_size ", chunk_size);
   const LogitSpec spec = logit_spec("napo_C::linear_logprobs_fwd", softcap, logit_scale);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
@@ -182,8 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     TORCH_CHECK_VALUE(kept->dim() == 2 && kept->size(0) == rows && kept->size(1) == vocab &&
                           kept->scalar_type() == w.scalar_type() && kept->device() == hidden.device() &&
                           kept->is_contiguous(),
-                      op, ": kept must be the forward's contiguous [", rows, ", ", vocab, "] ", w.scalar_type(),
-                      " block of probabilities, got ", kept->sizes(), " ", kept->scalar_type());
+                      op, ": kept must be the forward's contiguous [", rows, ", ", vocab, "] ",
+                      w.scalar_type(), " block of probabilities, got ", kept->sizes(), " ",
+                      kept->scalar_type());
 
   auto [d_hidden, d_weight, d_bias] = linear_grads_begin(hidden, weight, need_hidden, need_weight, need_bias);
 

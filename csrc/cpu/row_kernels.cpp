@@ -169,7 +169,7 @@ int64_t preference_rows(const Acc* chosen, const Acc* rejected, const bool* sele
                                      const LogitSpec&, int);                                                 \
   template void logit_grad_rows<F>(const Storage<F>*, Storage<F>*, int64_t, int64_t, int64_t,                \
                                    const int64_t*, const AccOf<F>*, const AccOf<F>*, AccOf<F>*,              \
-                                   const LogitSpec&, int);                                                 \
+                                   const LogitSpec&, int);                                                   \
   template void kept_grad_rows<F>(Storage<F>*, int64_t, int64_t, const int64_t*, const AccOf<F>*,            \
                                   const AccOf<F>*, AccOf<F>*, int);
 NAPO_INSTANTIATE_ROWS(Float32)

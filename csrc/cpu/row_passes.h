@@ -242,8 +242,8 @@ void logit_grad_rows(const Storage<F>* in, Storage<F>* out, int64_t rows, int64_
                      M map, int threads) {
   grad_spans(rows, vocab, offset, targets, d_bias, threads,
              [&](int64_t r, int64_t lo, int len, int y, AccOf<F>* bias_sum) {
-               logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, y, grad[r], lse[r], bias_sum,
-                                  map);
+               logit_grad_span<F>(in + r * vocab + lo, out + r * vocab + lo, len, y, grad[r], lse[r],
+                                  bias_sum, map);
              });
 }
 

@@ -100,7 +100,8 @@ inline at::Tensor target_rows(const at::Tensor& hidden, const at::Tensor& weight
                               const LogitSpec& spec) {
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const int64_t vocab = weight.size(0);
-  if (vocab == 0) return at::full({hidden.size(0), hidden.size(1)}, std::numeric_limits<double>::quiet_NaN(), acc);
+  if (vocab == 0)
+    return at::full({hidden.size(0), hidden.size(1)}, std::numeric_limits<double>::quiet_NaN(), acc);
   const at::Tensor w_y = weight.index_select(0, targets.clamp(0, vocab - 1)).to(acc.dtype());
   return w_y * target_slope(hidden, weight, bias, targets, spec).unsqueeze(1);
 }

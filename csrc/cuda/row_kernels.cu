@@ -124,19 +124,21 @@ const char* launch_logprob(const LogprobRowsArgs& a) {
 
 // Both backward passes: grad_kernel over [rows, vocab], then the bias gradient's fixed-order sum.
 template <typename T, class G>
-const char* launch_grad(const void* in, void* out, int64_t rows, int64_t vocab, void* d_bias, void* scratch_in,
-                        void* stream_in, G grad) {
+const char* launch_grad(const void* in, void* out, int64_t rows, int64_t vocab, void* d_bias,
+                        void* scratch_in, void* stream_in, G grad) {
   using Acc = typename Io<T>::Acc;
   if (rows == 0 || vocab == 0) return nullptr;
   const auto stream = static_cast<cudaStream_t>(stream_in);
   const int64_t per_group = rows_per_group(rows);
   const int64_t groups = (rows + per_group - 1) / per_group;
-  const dim3 grid(static_cast<unsigned>((vocab + kColThreads - 1) / kColThreads), static_cast<unsigned>(groups));
+  const dim3 grid(static_cast<unsigned>((vocab + kColThreads - 1) / kColThreads),
+                  static_cast<unsigned>(groups));
   Acc* scratch = d_bias != nullptr ? static_cast<Acc*>(scratch_in) : nullptr;
   grad_kernel<T, G><<<grid, kColThreads, 0, stream>>>(static_cast<const T*>(in), static_cast<T*>(out), rows,
                                                       vocab, per_group, scratch, grad);
   if (d_bias != nullptr)
-    bias_sum_kernel<Acc><<<grid.x, kColThreads, 0, stream>>>(scratch, groups, vocab, static_cast<Acc*>(d_bias));
+    bias_sum_kernel<Acc>
+        <<<grid.x, kColThreads, 0, stream>>>(scratch, groups, vocab, static_cast<Acc*>(d_bias));
   return last_error();
 }
 
@@ -155,7 +157,8 @@ const char* launch_logit_grad(const LogitGradRowsArgs& a) {
 template <typename T>
 const char* launch_kept_grad(const KeptGradRowsArgs& a) {
   using Acc = typename Io<T>::Acc;
-  const FromKept<Acc> grad{a.targets, static_cast<const Acc*>(a.grad), static_cast<const Acc*>(a.target_slope)};
+  const FromKept<Acc> grad{a.targets, static_cast<const Acc*>(a.grad),
+                           static_cast<const Acc*>(a.target_slope)};
   return launch_grad<T>(a.q, a.q, a.rows, a.vocab, a.d_bias, a.scratch, a.stream, grad);
 }
 
