@@ -198,8 +198,8 @@ def cpu_only(steps: Steps, reason: str) -> int:
 
 def smoke() -> int:
     """A small run of the cuda backend for compute-sanitizer: both stage-1 entry points (frozen and
-    trainable heads, with a bias, a soft cap, three dtypes, a vocabulary that is not a multiple of
-    any block) and stage 2, forward and backward."""
+    trainable heads, chunked and kept, with a bias, a soft cap, three dtypes, a vocabulary that is
+    not a multiple of any block) and stage 2, forward and backward."""
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -218,9 +218,11 @@ def smoke() -> int:
                 weight = (torch.randn(v, h, device="cuda", generator=gen) / h**0.5).to(dtype)
                 bias = torch.randn(v, device="cuda", generator=gen).to(dtype)
                 weight.requires_grad_(not frozen)
-                loss = nk.napo_loss(hidden, weight, labels, bias=bias, backend="cuda", method="s_dpo",
-                                    softcap=softcap, chunk_size=4)  # fmt: skip
-                loss.backward()
+                # chunks of 4 rows, and (trainable) one chunk of all rows: the kept probabilities
+                for chunk in (4, None):
+                    loss = nk.napo_loss(hidden, weight, labels, bias=bias, backend="cuda", method="s_dpo",
+                                        softcap=softcap, chunk_size=chunk)  # fmt: skip
+                    loss.backward()
         logits = torch.randn(b, c, t, v, device="cuda", dtype=dtype, generator=gen, requires_grad=True)
         nk.sequence_logprobs_from_logits(logits, labels, backend="cuda").sum().backward()
     torch.cuda.synchronize()
