@@ -133,12 +133,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
   const auto acc = hidden.options().dtype(acc_type(hidden.scalar_type()));
   const at::Tensor targets = targets_in.contiguous();
   auto [logp, lse, expected] = linear_fwd_outputs(hidden, compute_expected);
-  const at::Tensor kept = at::empty({0}, acc);
-  if (rows == 0) return {logp, lse, expected, kept};
-
   // One [chunk, V] block in the products' dtype is reused by every chunk (and becomes the softmax).
   // Wide fp16: the weight converted once (the CPU takes this loop only when V fits one tile).
   const bool wide = wide_half<Passes>(hidden);
+  const auto block_options = hidden.options().dtype(wide ? at::kFloat : hidden.scalar_type());
+  const at::Tensor kept = keep_logits ? at::empty({0, vocab}, block_options) : at::empty({0}, acc);
+  if (rows == 0) return {logp, lse, expected, kept};
   const at::Tensor w = operand(weight, wide);
   const std::optional<at::Tensor> b = operand(bias, wide);
   at::Tensor block = at::empty({std::min(chunk_size, rows), vocab}, w.options());

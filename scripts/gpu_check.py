@@ -245,6 +245,7 @@ def keep_timing(out: Path | None, device: str = "cuda", shapes=KEEP_SHAPES, dtyp
 
     if backends is None:
         backends = tuple(b for b in ("triton", "cuda") if nk.backends()[b].available)
+    before = os.environ.get("NAPO_KERNELS_KEEP_LOGITS")
 
     dtype = dtype or torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
@@ -281,6 +282,8 @@ def keep_timing(out: Path | None, device: str = "cuda", shapes=KEEP_SHAPES, dtyp
                   f"recomputed {row['recomputed_s'] * 1e3:.2f} ms ({row['kept_over_recomputed']:.2f}x); "
                   f"default keeps: {row['default_keeps']}", flush=True)  # fmt: skip
             rows_out.append(row)
+    if before is not None:
+        os.environ["NAPO_KERNELS_KEEP_LOGITS"] = before
     if out is not None:
         out.write_text(json.dumps(rows_out, indent=1))
     return rows_out

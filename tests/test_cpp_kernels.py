@@ -944,6 +944,9 @@ def test_chunk_loop_kept_rejects_what_does_not_fit():
         fwd(hidden, weight, None, targets, 5, True, None, 1.0, True)
     _, lse, _, kept = fwd(hidden, weight, None, targets, 6, True, None, 1.0, True)
     args = (torch.ones(6), hidden, weight, None, targets, lse, 6, False, True, False, None, 1.0)
-    for bad in (kept[:5], kept.double(), kept.T.contiguous()):
+    for bad in (kept[:5], kept.double(), kept.T.contiguous(), torch.empty(9, 6).T):
         with pytest.raises(ValueError, match="kept must be the forward's contiguous"):
             bwd(*args, bad)
+    # no rows: the kept block is [0, V] in the products' dtype, as the fake says
+    empty = fwd(hidden[:0], weight, None, targets[:0], 6, True, None, 1.0, True)[3]
+    assert empty.shape == (0, 9) and empty.dtype == torch.float32

@@ -13,9 +13,11 @@ plus two units of the dtype's precision (the rule of ``apple/ml-cross-entropy``'
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -288,12 +290,13 @@ def test_sequence_logprobs_keeps_logits_on_triton(monkeypatch, dtype):
     bias = randn(gen, 41).to(dtype)
     labels = torch.randint(0, 41, (3, 7), generator=gen)
     labels[:, :2] = reference.IGNORE_INDEX
-    seen = []
+    seen, refs = [], []
     original = op.linear_logprobs
 
     def spy(*args):
         out = original(*args)
         seen.append((args[-1], tuple(out[3].shape)))
+        refs.append(weakref.ref(out[3]))
         return out
 
     monkeypatch.setattr("napo_kernels.logprobs.linear_logprobs", spy)
@@ -303,6 +306,8 @@ def test_sequence_logprobs_keeps_logits_on_triton(monkeypatch, dtype):
         live = [x.detach().clone().requires_grad_() for x in (hidden, weight, bias)]
         score = nk.sequence_logprobs(live[0], live[1], labels, bias=live[2], backend="triton")
         runs.append([score, *torch.autograd.grad(score.square().sum(), live)])
+        gc.collect()
+        assert refs[-1]() is None  # the backward released what the forward kept
     assert seen == [(True, (15, 41)), (False, (0,))]
     for a, b in zip(*runs):
         assert torch.equal(a, b)

@@ -63,6 +63,7 @@ def keeps_logits(backend: str, rows: int, weight: Tensor, chunk_size: int) -> bo
         return False
     if backend == "triton":
         pays = flag == "1" or weight.dtype in (torch.float32, torch.float64)
+        # a [chunk_size, V] block in the accumulation dtype, as every backend's (fp64: twice the bytes)
         return rows <= chunk_size and (pays or weight.shape[1] >= _TRITON_KEEP_MIN_HIDDEN)
     if backend == "cuda":
         return rows <= chunk_size

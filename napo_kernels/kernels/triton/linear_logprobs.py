@@ -126,7 +126,9 @@ def _logits_tile(
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """``(z, dz/draw)`` of the tile (``_head_tile``): with ``KEPT`` read from the raw logits the
-    forward kept (no product), else recomputed (``_raw_tile``); the same bits either way."""
+    forward kept (no product), else recomputed (``_raw_tile``). The same values; the same bits
+    where the forward's and the backward's launch configurations round their products alike
+    (always under the interpreter, which has one)."""
     if KEPT:
         ok = row_ok[:, None] & col_ok[None, :]
         raw = tl.load(k_ptr + _kept_offsets(rows, cols, V), mask=ok, other=0.0)
@@ -419,7 +421,7 @@ def linear_logprobs_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_hidden, d_weight, d_bias)`` in the input dtypes, empty ``[0]`` where not needed. With
     ``kept`` (the forward's raw logits ``[R, V]``) the kernels read the logits instead of
-    recomputing them: one product fewer, the same bits."""
+    recomputing them: one product fewer (the same values: see ``_logits_tile``)."""
     _check(hidden, weight, bias, targets)
     hidden, weight, targets = row_major(hidden), row_major(weight), targets.contiguous()
     bias = None if bias is None else bias.contiguous()
