@@ -136,7 +136,10 @@ void logprob_tile_rows(const Storage<F>* logits, Storage<F>* probs, int64_t rows
       Acc top = m > old_max ? m : old_max;  // NaN logits: the sum below becomes NaN
       if (top == neg_inf<Acc>()) {  // only -inf so far: probability 0, nothing summed, unless a NaN hides
         bool nan = false;
-        for (int64_t v = 0; v < width; ++v) nan = nan || map.value(F::load(x[v])) != map.value(F::load(x[v]));
+        for (int64_t v = 0; v < width && !nan; ++v) {
+          const Acc z = map.value(F::load(x[v]));
+          nan = z != z;
+        }
         if (!nan) {
           for (int64_t v = 0; v < width; ++v) p[v] = F::store(Acc(0));
           scale[r] = Acc(1);
