@@ -41,8 +41,8 @@ _CONSUMED = ("cpp", "cuda")
 
 
 def keeps_logits(backend: str, rows: int, weight: Tensor, chunk_size: int) -> bool:
-    """Whether a trainable head's forward on ``backend`` keeps its raw logits for the backward,
-    which saves the backward's product that recomputes them:
+    """Whether a trainable head's forward on ``backend`` keeps what it computed for the backward,
+    which saves the backward's product that recomputes the logits:
 
     - ``cpp``: when they fit the weight gradient's memory (``rows <= H``; the gradient is
       allocated by the forward instead of the backward, so the step's peak memory does not change)
